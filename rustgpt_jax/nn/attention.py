@@ -1,0 +1,114 @@
+"""Multi-head attention with GQA/MQA, RoPE, any window, and a ring-buffer KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rustgpt_jax.config import AttentionImpl
+from rustgpt_jax.nn import axes
+from rustgpt_jax.nn.dense import dense
+from rustgpt_jax.nn.rope import apply_rope
+from rustgpt_jax.ops.attention import dot_product_attention
+
+
+class Attention(nn.Module):
+    """Q/K/V/O projections around `ops.attention.dot_product_attention`.
+
+    GQA groups query heads over KV heads inside the attention op; K/V projections have
+    only `num_kv_heads` heads, so no weight or activation is ever copied per query head.
+
+    In `decode` mode the layer keeps a `cache` collection: keys/values (B, C, K, H) and
+    the position held by each slot (B, C), -1 while empty. Slot = position % C, so with
+    a window W the cache is a ring of C = W slots and memory stays flat (SPEC §3).
+    """
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = False
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    impl: AttentionImpl = AttentionImpl.REFERENCE
+    cache_length: int = 0
+    decode: bool = False
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, window):
+        """Args:
+          x: (B, T, D) inputs.
+          positions: (B, T) int32 (negative = padding).
+          segment_ids: (B, T) int32 or None.
+          window: traced int32 scalar or (B,).
+
+        Returns:
+          (B, T, D).
+        """
+        n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
+        q = dense(self, 'q_proj', x, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
+        k = dense(self, 'k_proj', x, (kh, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+        v = dense(self, 'v_proj', x, (kh, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+        if self.use_rope:
+            q = apply_rope(q, positions, self.rope_base)
+            k = apply_rope(k, positions, self.rope_base)
+        q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+
+        if self.decode:
+            out = self._attend_with_cache(q, k, v, positions, segment_ids, window)
+        else:
+            out = dot_product_attention(
+                q, k, v, q_positions=positions, kv_positions=positions, window=window,
+                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, impl=self.impl)
+        out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+        return dense(self, 'o_proj', out, x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                     contract=2)  # (B, T, D)
+
+    def _attend_with_cache(self, q, k, v, positions, segment_ids, window):
+        if segment_ids is not None:
+            raise ValueError('decode mode does not take segment_ids: decode one sequence per '
+                             'row (left-pad prompts with negative positions instead)')
+        b, t = positions.shape
+        c = self.cache_length
+        if c < 1:
+            raise ValueError('Attention.cache_length must be >= 1 in decode mode')
+        initialised = self.has_variable('cache', 'key')
+        cache_k = self.variable('cache', 'key', jnp.zeros, (b, c) + k.shape[2:], k.dtype)
+        cache_v = self.variable('cache', 'value', jnp.zeros, (b, c) + v.shape[2:], v.dtype)
+        cache_pos = self.variable('cache', 'positions', lambda: jnp.full((b, c), -1, jnp.int32))
+        if not initialised:  # model.init(..., decode=True) only creates the cache.
+            return dot_product_attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                         window=window)
+        if cache_k.value.shape[0] != b:
+            raise ValueError(f'cache was built for batch {cache_k.value.shape[0]}, got {b}')
+
+        def write(keys, values, slot_pos):
+            # Keep only the newest `c` tokens of the chunk; others would collide in the ring.
+            newest = jnp.max(positions, axis=1, keepdims=True)  # (B, 1)
+            keep = (positions >= 0) & (positions > newest - c)
+            slot = jnp.where(keep, positions % c, c)  # c is out of range: dropped
+            rows = jnp.arange(b)[:, None]
+            return (keys.at[rows, slot].set(k, mode='drop'),
+                    values.at[rows, slot].set(v, mode='drop'),
+                    slot_pos.at[rows, slot].set(positions, mode='drop'))
+
+        if t == 1:
+            # One new token: write first, then attend over the C slots. The slot it
+            # overwrites held position p - C, which the window already excludes.
+            cache_k.value, cache_v.value, cache_pos.value = write(
+                cache_k.value, cache_v.value, cache_pos.value)
+            return dot_product_attention(q, cache_k.value, cache_v.value, q_positions=positions,
+                                         kv_positions=cache_pos.value, window=window)
+        # Prefill: later tokens of the chunk may overwrite keys earlier ones need, so
+        # attend over [old cache, new chunk] before writing.
+        keys = jnp.concatenate([cache_k.value, k], axis=1)  # (B, C + T, K, H)
+        values = jnp.concatenate([cache_v.value, v], axis=1)
+        kv_pos = jnp.concatenate([cache_pos.value, positions], axis=1)  # (B, C + T)
+        out = dot_product_attention(q, keys, values, q_positions=positions,
+                                    kv_positions=kv_pos, window=window)
+        cache_k.value, cache_v.value, cache_pos.value = write(
+            cache_k.value, cache_v.value, cache_pos.value)
+        return out

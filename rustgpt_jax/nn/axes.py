@@ -1,0 +1,12 @@
+"""Logical axis names: sharding is a rules table over these, never code in the layers."""
+
+BATCH = 'batch'
+LENGTH = 'length'
+EMBED = 'embed'
+VOCAB = 'vocab'
+HEADS = 'heads'
+KV_HEADS = 'kv_heads'
+HEAD_DIM = 'head_dim'
+MLP = 'mlp'
+LAYERS = 'layers'
+NORM = 'norm'

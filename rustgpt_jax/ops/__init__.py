@@ -1,0 +1,1 @@
+"""Attention operators: the reference, the blocked XLA path and the dispatch."""

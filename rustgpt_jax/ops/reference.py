@@ -1,0 +1,64 @@
+"""Reference attention: dense einsum, float32 softmax. The oracle for every kernel."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from rustgpt_jax import masks as masks_lib
+
+# Finite, so a (never generated) fully masked row gives a uniform row, not NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_probs(q, k, mask, scale: Optional[float] = None):
+    """Float32 attention probabilities with grouped query heads.
+
+    Args:
+      q: (B, T, N, H) queries.
+      k: (B, S, K, H) keys, N % K == 0 (query head n reads KV head n // (N // K)).
+      mask: (B, T, S) bool.
+      scale: logit scale, default 1/sqrt(H).
+
+    Returns:
+      (B, K, G, T, S) float32 probabilities, G = N // K.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if n % kv_heads:
+        raise ValueError(f'query heads ({n}) must be a multiple of KV heads ({kv_heads})')
+    scale = h ** -0.5 if scale is None else scale
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H)
+    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k,
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def reference_attention(q, k, v, mask, scale: Optional[float] = None):
+    """softmax(q k^T * scale + mask) v with GQA by grouping query heads.
+
+    Args:
+      q: (B, T, N, H); k, v: (B, S, K, H); mask: (B, T, S) bool.
+
+    Returns:
+      (B, T, N, H) in q's dtype.
+    """
+    b, t, n, h = q.shape
+    probs = attention_probs(q, k, mask, scale)  # (B, K, G, T, S)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def mha_reference(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO_WINDOW,
+                  q_segment_ids=None, kv_segment_ids=None, scale=None):
+    """Reference attention with the mask built from the shared predicate.
+
+    Args: as `rustgpt_jax.ops.attention.dot_product_attention`.
+    """
+    mask = masks_lib.make_attention_mask(q_positions, kv_positions, window,
+                                         q_segment_ids, kv_segment_ids)
+    return reference_attention(q, k, v, mask, scale)

@@ -52,10 +52,22 @@ class AttentionImpl(enum.Enum):
 class AttentionVariant(enum.Enum):
     """What the attention layer does around the kernel (SPEC §4)."""
     STANDARD = 'standard'
+    ADAPTIVE_RANK = 'adaptive_rank'  # run-time dense / low-rank Q,K switch
+    ADAPTIVE_PRECISION = 'adaptive_precision'  # run-time fp32/bf16/fp16/fp8 switch
+    ADAATTN = 'adaattn'  # joint rank + precision decision
+
+
+class PrecisionPolicy(enum.Enum):
+    """AdaAttn precision policy: quality -> fp32, speed -> lowest allowed, balanced -> middle."""
+    QUALITY = 'quality'
+    BALANCED = 'balanced'
+    SPEED = 'speed'
 
 
 class Architecture(enum.Enum):
     TRANSFORMER = 'transformer'
+    HYPERMIXER = 'hypermixer'  # token mixing by hypernetwork-generated MLPs (SPEC §5)
+    HRM = 'hrm'  # hierarchical reasoning model: L and H modules iterate (SPEC §5)
 
 
 class RematPolicy(enum.Enum):
@@ -74,6 +86,7 @@ _ENUM_FIELDS = {
         'attention_impl': AttentionImpl,
         'attention_variant': AttentionVariant,
         'architecture': Architecture,
+    'precision_policy': PrecisionPolicy,
         'remat_policy': RematPolicy,
 }
 
@@ -98,6 +111,13 @@ class ModelConfig:
         window_size: sliding window W for the FIXED strategy; None means full causal.
         min_window, max_window: bounds of the adaptive strategies.
         window_ema_alpha: EMA factor of the entropy / perplexity strategies.
+        adaattn_ranks: static set of low ranks r the adaptive-rank path may use.
+        adaattn_rank_threshold: focus threshold above which a head goes low-rank.
+        precision_policy: AdaAttn precision policy.
+        hrm_cycles, hrm_steps: HRM's N (high-level updates) and T (low-level steps per
+            high-level update); hrm_low_layers / hrm_high_layers: blocks in L and H.
+        hypermixer_hidden_dim: width of HyperMixer's generated token-mixing MLP
+            (default: hidden_dim).
     """
     vocab_size: int = 256
     embed_dim: int = 128
@@ -123,6 +143,14 @@ class ModelConfig:
     attention_impl: AttentionImpl = AttentionImpl.REFERENCE
     attention_variant: AttentionVariant = AttentionVariant.STANDARD
     architecture: Architecture = Architecture.TRANSFORMER
+    adaattn_ranks: tuple = (8,)
+    adaattn_rank_threshold: float = 0.95
+    precision_policy: PrecisionPolicy = PrecisionPolicy.BALANCED
+    hrm_cycles: int = 2
+    hrm_steps: int = 2
+    hrm_low_layers: int = 1
+    hrm_high_layers: int = 1
+    hypermixer_hidden_dim: Optional[int] = None
     dropout_rate: float = 0.0
     dtype: str = 'float32'
     param_dtype: str = 'float32'
@@ -188,6 +216,22 @@ class ModelConfig:
         for name in ('dtype', 'param_dtype'):
             if getattr(self, name) not in _DTYPES:
                 _fail(name, f'must be one of {_DTYPES}, got {getattr(self, name)!r}')
+        ranks = self.adaattn_ranks
+        if (not isinstance(ranks, (tuple, list)) or not ranks
+                or any(not isinstance(r, int) or r < 1 for r in ranks)):
+            _fail('adaattn_ranks', f'must be a non-empty tuple of integers >= 1, got {ranks!r}')
+        if max(ranks) > self.effective_head_dim:
+            _fail('adaattn_ranks', f'ranks {tuple(ranks)} must be <= head_dim '
+                  f'({self.effective_head_dim})')
+        object.__setattr__(self, 'adaattn_ranks', tuple(sorted(set(ranks))))
+        if not 0.0 <= self.adaattn_rank_threshold <= 1.0:
+            _fail('adaattn_rank_threshold', f'must be in [0, 1], got {self.adaattn_rank_threshold}')
+        for name in ('hrm_cycles', 'hrm_steps', 'hrm_low_layers', 'hrm_high_layers'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, f'must be an integer >= 1, got {value!r}')
+        if self.hypermixer_hidden_dim is not None and self.hypermixer_hidden_dim < 1:
+            _fail('hypermixer_hidden_dim', f'must be >= 1 or None, got {self.hypermixer_hidden_dim}')
         if self.init_std <= 0:
             _fail('init_std', f'must be > 0, got {self.init_std}')
 

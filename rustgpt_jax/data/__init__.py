@@ -1,0 +1,52 @@
+"""Data layer: tokenizers, corpora, instruction data, packing and resumable iterators."""
+
+from rustgpt_jax.data.corpus import (
+    DEFAULT_VALIDATION_FRACTION,
+    load_text,
+    shakespeare_files,
+    shakespeare_text,
+    train_validation_split,
+)
+from rustgpt_jax.data.errors import DataError
+from rustgpt_jax.data.instructions import (
+    PROMPT_TEMPLATE,
+    EncodedExample,
+    InstructionExample,
+    encode_instruction,
+    format_prompt,
+    load_instructions,
+)
+from rustgpt_jax.data.packing import (
+    PackedBatchIterator,
+    PackedValidationBatches,
+    PackingStats,
+    build_packed_batch,
+    first_fit,
+    prepare_examples,
+)
+from rustgpt_jax.data.pipeline import (
+    BATCH_KEYS,
+    LMBatchIterator,
+    LMValidationBatches,
+    ResumableIterator,
+)
+from rustgpt_jax.data.tokenizers import (
+    DEFAULT_KIND,
+    TOKENIZER_KINDS,
+    ByteBPETokenizer,
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    build_tokenizer,
+    load_tokenizer,
+)
+
+__all__ = [
+        'BATCH_KEYS', 'DEFAULT_KIND', 'DEFAULT_VALIDATION_FRACTION', 'PROMPT_TEMPLATE',
+        'TOKENIZER_KINDS', 'ByteBPETokenizer', 'CharTokenizer', 'DataError', 'EncodedExample',
+        'InstructionExample', 'LMBatchIterator', 'LMValidationBatches', 'PackedBatchIterator',
+        'PackedValidationBatches', 'PackingStats', 'ResumableIterator', 'Tokenizer',
+        'WordTokenizer', 'build_packed_batch', 'build_tokenizer', 'encode_instruction',
+        'first_fit', 'format_prompt', 'load_instructions', 'load_text', 'load_tokenizer',
+        'prepare_examples', 'shakespeare_files', 'shakespeare_text', 'train_validation_split',
+]

@@ -1,15 +1,58 @@
-"""A dense projection with logical axis names on its kernel and bias."""
+"""A dense projection over trailing dims, with logical axis names on every param.
+
+nn.DenseGeneral initialises a flattened 2-D kernel, which cannot carry the 3-D logical
+annotations ('embed', 'heads', 'head_dim') that sharding rules need; this one creates
+the kernel at its real shape.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Projection(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `contract` dims of x.
+
+    Attributes:
+      features: output dims.
+      kernel_axes: logical names of the kernel dims (contracted dims first).
+    """
+    features: tuple
+    kernel_axes: tuple
+    contract: int = 1
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_dims = x.shape[x.ndim - self.contract:]
+        kernel = self.param(
+            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                   self.kernel_axes),
+            tuple(in_dims) + tuple(self.features), self.param_dtype)
+        letters = 'abcdefgh'
+        batch = letters[:x.ndim - self.contract]
+        contracted = 'ijk'[:self.contract]
+        out = 'uvw'[:len(self.features)]
+        y = jnp.einsum(f'{batch}{contracted},{contracted}{out}->{batch}{out}',
+                       x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                'bias', nn.with_logical_partitioning(nn.initializers.zeros,
+                                                     self.kernel_axes[self.contract:]),
+                tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
           contract: int = 1):
-    """Applies nn.DenseGeneral named `name` inside `module`'s compact scope.
+    """Applies a `Projection` named `name` inside `module`'s compact scope.
 
     Reads `use_bias`, `init_std`, `dtype` and `param_dtype` from `module`.
 
@@ -25,15 +68,6 @@ def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
       (..., *features) in `module.dtype`.
     """
     features = features if isinstance(features, tuple) else (features,)
-    init = nn.initializers.normal(module.init_std)
-    return nn.DenseGeneral(
-        features=features if len(features) > 1 else features[0],
-        axis=tuple(range(-contract, 0)),
-        use_bias=module.use_bias,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        kernel_init=nn.with_logical_partitioning(init, tuple(kernel_axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                               tuple(kernel_axes[contract:])),
-        name=name,
-    )(x)
+    return Projection(features=features, kernel_axes=tuple(kernel_axes), contract=contract,
+                      use_bias=module.use_bias, init_std=module.init_std, dtype=module.dtype,
+                      param_dtype=module.param_dtype, name=name)(x)

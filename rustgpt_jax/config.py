@@ -220,7 +220,11 @@ class ModelConfig:
         if (not isinstance(ranks, (tuple, list)) or not ranks
                 or any(not isinstance(r, int) or r < 1 for r in ranks)):
             _fail('adaattn_ranks', f'must be a non-empty tuple of integers >= 1, got {ranks!r}')
-        if max(ranks) > self.effective_head_dim:
+        # Only the low-rank variants use the ranks; the default (8,) must not reject
+        # standard models with head_dim < 8.
+        uses_ranks = self.attention_variant in (AttentionVariant.ADAPTIVE_RANK,
+                                                AttentionVariant.ADAATTN)
+        if uses_ranks and max(ranks) > self.effective_head_dim:
             _fail('adaattn_ranks', f'ranks {tuple(ranks)} must be <= head_dim '
                   f'({self.effective_head_dim})')
         object.__setattr__(self, 'adaattn_ranks', tuple(sorted(set(ranks))))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.config import AttentionImpl
+from rustgpt_jax.config import AttentionImpl, AttentionVariant, PrecisionPolicy
 from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.dense import dense
 from rustgpt_jax.nn.rope import apply_rope
@@ -23,6 +24,11 @@ class Attention(nn.Module):
     In `decode` mode the layer keeps a `cache` collection: keys/values (B, C, K, H) and
     the position held by each slot (B, C), -1 while empty. Slot = position % C, so with
     a window W the cache is a ring of C = W slots and memory stays flat (SPEC §3).
+
+    `variant` replaces the kernel by an AdaAttn core (SPEC §4; rustgpt_jax.adaptive),
+    in the cached decode path too. With `with_entropy` the layer returns
+    `(out, H)`, H the mean attention entropy that the AttentionEntropy window strategy
+    observes (SPEC §2).
     """
     num_heads: int
     num_kv_heads: int
@@ -36,6 +42,12 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    variant: AttentionVariant = AttentionVariant.STANDARD
+    adaattn_ranks: tuple = (8,)
+    adaattn_rank_threshold: float = 0.95
+    precision_policy: PrecisionPolicy = PrecisionPolicy.BALANCED
+    with_entropy: bool = False
+    entropy_rows: int = 64
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):
@@ -46,7 +58,7 @@ class Attention(nn.Module):
           window: traced int32 scalar or (B,).
 
         Returns:
-          (B, T, D).
+          (B, T, D), or ((B, T, D), H float32 scalar) when `with_entropy`.
         """
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = dense(self, 'q_proj', x, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
@@ -57,17 +69,38 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, self.rope_base)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
 
+        # Lazy: rustgpt_jax.adaptive imports nn.axes, so a top-level import would cycle.
+        from rustgpt_jax.adaptive.adaattn import make_attention_core
+        from rustgpt_jax.adaptive.core import attention_with_entropy
+        core = make_attention_core(
+            self.variant, num_heads=n, num_kv_heads=kh, head_dim=h, ranks=self.adaattn_ranks,
+            threshold=self.adaattn_rank_threshold, policy=self.precision_policy,
+            impl=self.impl, param_dtype=self.param_dtype)
+        entropy = None
         if self.decode:
-            out = self._attend_with_cache(q, k, v, positions, segment_ids, window)
-        else:
-            out = dot_product_attention(
+            attend = dot_product_attention if core is None else core
+            out = self._attend_with_cache(q, k, v, positions, segment_ids, window, attend)
+        elif self.with_entropy:
+            kernel = None  # None: the reference path, exact entropy from its probabilities
+            if core is not None or self.impl != AttentionImpl.REFERENCE:
+                kernel = core if core is not None else functools.partial(
+                    dot_product_attention, impl=self.impl)
+            out, entropy = attention_with_entropy(
                 q, k, v, q_positions=positions, kv_positions=positions, window=window,
-                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, impl=self.impl)
+                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, attend=kernel,
+                rows=self.entropy_rows)
+        else:
+            attend = core if core is not None else functools.partial(
+                dot_product_attention, impl=self.impl)
+            out = attend(q, k, v, q_positions=positions, kv_positions=positions, window=window,
+                         q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
-        return dense(self, 'o_proj', out, x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
-                     contract=2)  # (B, T, D)
+        out = dense(self, 'o_proj', out, x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                    contract=2)  # (B, T, D)
+        return out if not self.with_entropy else (out, entropy)
 
-    def _attend_with_cache(self, q, k, v, positions, segment_ids, window):
+    def _attend_with_cache(self, q, k, v, positions, segment_ids, window,
+                           attend=dot_product_attention):
         if segment_ids is not None:
             raise ValueError('decode mode does not take segment_ids: decode one sequence per '
                              'row (left-pad prompts with negative positions instead)')
@@ -80,8 +113,8 @@ class Attention(nn.Module):
         cache_v = self.variable('cache', 'value', jnp.zeros, (b, c) + v.shape[2:], v.dtype)
         cache_pos = self.variable('cache', 'positions', lambda: jnp.full((b, c), -1, jnp.int32))
         if not initialised:  # model.init(..., decode=True) only creates the cache.
-            return dot_product_attention(q, k, v, q_positions=positions, kv_positions=positions,
-                                         window=window)
+            return attend(q, k, v, q_positions=positions, kv_positions=positions,
+                          window=window)
         if cache_k.value.shape[0] != b:
             raise ValueError(f'cache was built for batch {cache_k.value.shape[0]}, got {b}')
 
@@ -100,15 +133,15 @@ class Attention(nn.Module):
             # overwrites held position p - C, which the window already excludes.
             cache_k.value, cache_v.value, cache_pos.value = write(
                 cache_k.value, cache_v.value, cache_pos.value)
-            return dot_product_attention(q, cache_k.value, cache_v.value, q_positions=positions,
-                                         kv_positions=cache_pos.value, window=window)
+            return attend(q, cache_k.value, cache_v.value, q_positions=positions,
+                          kv_positions=cache_pos.value, window=window)
         # Prefill: later tokens of the chunk may overwrite keys earlier ones need, so
         # attend over [old cache, new chunk] before writing.
         keys = jnp.concatenate([cache_k.value, k], axis=1)  # (B, C + T, K, H)
         values = jnp.concatenate([cache_v.value, v], axis=1)
         kv_pos = jnp.concatenate([cache_pos.value, positions], axis=1)  # (B, C + T)
-        out = dot_product_attention(q, keys, values, q_positions=positions,
-                                    kv_positions=kv_pos, window=window)
+        out = attend(q, keys, values, q_positions=positions, kv_positions=kv_pos,
+                     window=window)
         cache_k.value, cache_v.value, cache_pos.value = write(
             cache_k.value, cache_v.value, cache_pos.value)
         return out

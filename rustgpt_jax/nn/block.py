@@ -45,24 +45,39 @@ class Block(nn.Module):
         """
         cfg = self.config
         seq_len = jnp.max(positions) + 1 if self.decode else x.shape[1]
-        window = WindowController(cfg.window_strategy, cfg.window_size, cfg.min_window,
-                                  cfg.max_window, name='window')(seq_len)
+        controller = WindowController(cfg.window_strategy, cfg.window_size, cfg.min_window,
+                                      cfg.max_window, cfg.window_ema_alpha, cfg.vocab_size,
+                                      name='window')
+        window = controller(seq_len)
+        # The entropy strategy observes this pass's attention entropy (train / eval only).
+        with_entropy = controller.wants_entropy and not self.decode
         attention = Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.effective_head_dim, use_bias=cfg.use_bias,
             use_rope=cfg.positions == PositionType.ROPE, rope_base=cfg.rope_base,
             impl=cfg.attention_impl, cache_length=cfg.cache_length, decode=self.decode,
             init_std=cfg.init_std, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            variant=cfg.attention_variant, adaattn_ranks=cfg.adaattn_ranks,
+            adaattn_rank_threshold=cfg.adaattn_rank_threshold,
+            precision_policy=cfg.precision_policy, with_entropy=with_entropy,
             name='attention')
+
+        def attend(h):
+            if not with_entropy:
+                return attention(h, positions, segment_ids, window)
+            out, entropy = attention(h, positions, segment_ids, window)
+            controller.observe_entropy(entropy)
+            return out
+
         ffn = make_feed_forward(cfg, 'ffn')
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn_norm, ffn_norm = make_norm(cfg, 'attn_norm'), make_norm(cfg, 'ffn_norm')
 
         if cfg.norm_placement == NormPlacement.PRE:
-            x = x + drop(attention(attn_norm(x), positions, segment_ids, window))
+            x = x + drop(attend(attn_norm(x)))
             x = x + drop(ffn(ffn_norm(x)))
         else:
-            x = attn_norm(x + drop(attention(x, positions, segment_ids, window)))
+            x = attn_norm(x + drop(attend(x)))
             x = ffn_norm(x + drop(ffn(x)))
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         return x, None

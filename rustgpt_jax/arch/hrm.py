@@ -1,0 +1,177 @@
+"""HRM, the hierarchical reasoning model (Wang et al., 2025, arXiv:2506.21734).
+
+A low-level module L and a high-level module H, each a small stack of the Transformer's
+causal blocks, iterate over the embedded tokens x (SPEC §5):
+
+    for cycle in range(N):                # config.hrm_cycles
+        for step in range(T):             # config.hrm_steps
+            zL = L(zL + zH + x)
+        zH = H(zH + zL)
+    logits = head(final_norm(zH))
+
+Every block is causal and every update is position-wise apart from causal attention, so
+the model is causal. The initial states zL, zH are learned vectors (D,) broadcast over
+batch and length, initialised as the paper's fixed draws (truncated normal, std 1).
+
+Scales: the paper adds unit-scale embeddings to post-normed (unit-scale) states. Here
+the embeddings start at `init_std`, so x passes through a norm (`embed_norm`) before
+entering the loop; with pre-norm blocks each module ends with its own norm (`out_norm`,
+as a pre-norm stack ends with a final norm) so the states stay unit-scale however many
+iterations run, as they do with post-norm blocks.
+
+Gradients flow through every iteration (full backprop; the paper's one-step gradient
+approximation is not implemented). L and H apply the same weights at every iteration:
+the loops are `nn.scan`s that broadcast 'params'.
+
+Decoding: every application of L or H sees different inputs, so each of the N*T
+applications of L and N applications of H keeps its own KV cache (the scans stack the
+`cache` collection over iterations; within an application the blocks' ring-buffer caches
+work exactly as in the Transformer). Because every state at position j depends only on
+tokens <= j, the cached keys/values equal those of a full recompute, so prefill +
+one-token steps give the full forward pass's logits. Cache memory is
+(N*T*hrm_low_layers + N*hrm_high_layers) times a Transformer layer's. The contract is the
+Transformer's: `init(..., decode=True)` creates the cache, then each call passes the
+tokens following the cached ones with their positions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rustgpt_jax.arch._stack import (LayerStack, embedding_param_counts,
+                                     feed_forward_param_count, make_embedder,
+                                     norm_param_count, prepare_inputs)
+from rustgpt_jax.config import ModelConfig, NormPlacement
+from rustgpt_jax.nn import axes
+from rustgpt_jax.nn.block import Block, make_norm
+from rustgpt_jax.nn.transformer import SCANNED_COLLECTIONS
+
+# Per-iteration collections: each application of L / H has its own cache (and window
+# state); 'params' are shared across iterations and broadcast instead.
+_PER_ITERATION = {c: 0 for c in SCANNED_COLLECTIONS if c != 'params'}
+
+
+def _iterate(module_cls, length: int, num_inputs: int):
+    """`nn.scan` of `module_cls` over `length` iterations with shared weights.
+
+    The carry is the first call argument; the `num_inputs` others are broadcast.
+    """
+    return nn.scan(module_cls, variable_broadcast='params', variable_axes=_PER_ITERATION,
+                   split_rngs={'params': False, 'dropout': True},
+                   in_axes=(nn.broadcast,) * num_inputs, length=length)
+
+
+class _LowStep(nn.Module):
+    """One low-level update zL <- L(zL + zH + x); scanned T times per cycle."""
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, z_low, z_high, x, positions, segment_ids):
+        cfg = self.config
+        low = LayerStack(cfg, Block, cfg.hrm_low_layers,
+                         out_norm=cfg.norm_placement == NormPlacement.PRE,
+                         deterministic=self.deterministic, decode=self.decode, name='low')
+        return low(z_low + z_high + x, positions, segment_ids), None
+
+
+class _Cycle(nn.Module):
+    """T low-level updates, then one high-level update zH <- H(zH + zL); scanned N times."""
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, carry, x, positions, segment_ids):
+        cfg = self.config
+        z_low, z_high = carry
+        steps = _iterate(_LowStep, cfg.hrm_steps, 4)(cfg, self.deterministic, self.decode,
+                                                   name='low_steps')
+        z_low, _ = steps(z_low, z_high, x, positions, segment_ids)
+        high = LayerStack(cfg, Block, cfg.hrm_high_layers,
+                          out_norm=cfg.norm_placement == NormPlacement.PRE,
+                          deterministic=self.deterministic, decode=self.decode, name='high')
+        z_high = high(z_high + z_low, positions, segment_ids)
+        return (z_low, z_high), None
+
+
+class HRMLM(nn.Module):
+    """Embedder, the HRM L/H iteration, final norm (pre-norm only), head."""
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedder = make_embedder(cfg)
+        self.embed_norm = make_norm(cfg, 'embed_norm')
+        if cfg.norm_placement == NormPlacement.PRE:
+            self.final_norm = make_norm(cfg, 'final_norm')
+        init = nn.with_logical_partitioning(
+            nn.initializers.truncated_normal(1.0), (axes.EMBED,))
+        self.z_low_init = self.param('z_low_init', init, (cfg.embed_dim,), cfg.params_dtype)
+        self.z_high_init = self.param('z_high_init', init, (cfg.embed_dim,), cfg.params_dtype)
+
+    def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+                 decode: bool = False):
+        """Next-token logits.
+
+        Args:
+          tokens: (B, T) int32 token ids.
+          positions: (B, T) int32; default 0..T-1. Negative marks left padding.
+          segment_ids: (B, T) int32 for packed sequences, or None.
+          deterministic: disables dropout when True.
+          decode: use and update the per-iteration KV caches (module docstring).
+
+        Returns:
+          (B, T, V) float32 logits.
+        """
+        x = self.hidden_states(tokens, positions, segment_ids, deterministic, decode)
+        return self.embedder.decode(x)
+
+    @nn.compact
+    def hidden_states(self, tokens, positions=None, segment_ids=None,
+                      deterministic: bool = True, decode: bool = False):
+        """Final hidden states (B, T, D): final_norm(zH) after N cycles."""
+        cfg = self.config
+        tokens, positions = prepare_inputs(tokens, positions, cfg, decode)
+        x = self.embed_norm(self.embedder.encode(tokens, positions))  # (B, T, D)
+        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        z_low = jnp.broadcast_to(self.z_low_init.astype(x.dtype), x.shape)  # (B, T, D)
+        z_high = jnp.broadcast_to(self.z_high_init.astype(x.dtype), x.shape)  # (B, T, D)
+        cycles = _iterate(_Cycle, cfg.hrm_cycles, 3)(cfg, deterministic, decode, name='cycles')
+        (_, z_high), _ = cycles((z_low, z_high), x, positions, segment_ids)
+        if cfg.norm_placement == NormPlacement.PRE:
+            z_high = self.final_norm(z_high)
+        return z_high
+
+
+def _block_param_count(config: ModelConfig) -> int:
+    """One Transformer block: Q/K/V/O projections, feed-forward, two norms."""
+    d, h = config.embed_dim, config.effective_head_dim
+    q, kv = config.num_heads * h, config.num_kv_heads * h
+    attention = d * q + 2 * d * kv + q * d + (q + 2 * kv + d if config.use_bias else 0)
+    return attention + feed_forward_param_count(config) + 2 * norm_param_count(config)
+
+
+def parameter_counts_hrm(config: ModelConfig) -> dict:
+    """Analytical parameter counts of `HRMLM(config)`.
+
+    L and H are stacks of hrm_low_layers / hrm_high_layers Transformer blocks (plus an
+    out norm each with pre-norm); their weights are shared across iterations, so N and T
+    do not change the count.
+
+    Returns:
+      dict with 'embedding', 'head', 'initial_states' (2 D), 'low_module',
+      'high_module', 'norms' (embed_norm and, pre-norm only, final_norm) and 'total'.
+    """
+    pre = config.norm_placement == NormPlacement.PRE
+    norm, block = norm_param_count(config), _block_param_count(config)
+    counts = dict(embedding_param_counts(config))
+    counts['initial_states'] = 2 * config.embed_dim
+    counts['low_module'] = config.hrm_low_layers * block + (norm if pre else 0)
+    counts['high_module'] = config.hrm_high_layers * block + (norm if pre else 0)
+    counts['norms'] = norm * (2 if pre else 1)
+    counts['total'] = sum(counts.values())
+    return counts

@@ -76,8 +76,20 @@ def transformer_parameter_counts(config: ModelConfig) -> dict:
     return counts
 
 
+def _hypermixer_counts(config: ModelConfig) -> dict:
+    from rustgpt_jax.arch.hypermixer import parameter_counts_hypermixer  # lazy: no import cycle
+    return parameter_counts_hypermixer(config)
+
+
+def _hrm_counts(config: ModelConfig) -> dict:
+    from rustgpt_jax.arch.hrm import parameter_counts_hrm  # lazy: no import cycle
+    return parameter_counts_hrm(config)
+
+
 PARAMETER_FORMULAS: dict[Architecture, Callable[[ModelConfig], dict]] = {
     Architecture.TRANSFORMER: transformer_parameter_counts,
+    Architecture.HYPERMIXER: _hypermixer_counts,
+    Architecture.HRM: _hrm_counts,
 }
 
 
@@ -219,7 +231,9 @@ def architecture_summary(config: ModelConfig) -> str:
         lines.append(f'  (unavailable: {err})')
     else:
         per_layer = counts.get('per_layer', {})
-        for key in ('embedding', 'positions', 'attention', 'feed_forward', 'norms', 'head'):
+        order = ('embedding', 'positions', 'attention', 'feed_forward', 'norms', 'head')
+        extra_keys = [k for k in counts if k not in order + ('total', 'per_layer')]
+        for key in order[:-1] + tuple(extra_keys) + order[-1:]:
             if key in counts:
                 extra = (f'   ({_fmt(per_layer[key])} per layer)' if key in per_layer else '')
                 lines.append(f'  {key:<18} {_fmt(counts[key]):>16}{extra}')
@@ -227,12 +241,27 @@ def architecture_summary(config: ModelConfig) -> str:
             lines.append(f'  {"per layer":<18} {_fmt(per_layer["total"]):>16}')
         lines.append(f'  {"total":<18} {_fmt(counts["total"]):>16}')
 
-    per_token = kv_cache_bytes_per_token(c)
+    if c.architecture == Architecture.HYPERMIXER:
+        lines += ['', 'Decode state:',
+                  '  HyperMixer keeps a running prefix sum per layer (no KV cache): '
+                  f'{_fmt(c.num_layers * (c.hypermixer_hidden_dim or c.hidden_dim) * c.embed_dim)}'
+                  ' floats per sequence, constant in length; token mixing spans the whole '
+                  'prefix (the window does not apply)']
+        return '\n'.join(lines)
+    cached_layers = c.num_layers
+    if c.architecture == Architecture.HRM:
+        # Every application of L and H keeps its own cache (N*T*low + N*high layers).
+        cached_layers = (c.hrm_cycles * c.hrm_steps * c.hrm_low_layers
+                         + c.hrm_cycles * c.hrm_high_layers)
+        lines += ['', f'HRM: N={c.hrm_cycles} cycles x T={c.hrm_steps} low-level steps; '
+                  f'L has {c.hrm_low_layers} block(s), H has {c.hrm_high_layers}; '
+                  f'{cached_layers} cached layer applications per token']
+    per_token = kv_cache_bytes_per_token(c) // c.num_layers * cached_layers
     mha = per_token * c.num_heads // c.num_kv_heads
     kind = ('MHA' if c.num_kv_heads == c.num_heads
             else 'MQA' if c.num_kv_heads == 1 else 'GQA')
     lines += ['', f'KV cache ({c.dtype}):',
-              f'  bytes per token    {_fmt(per_token)} (2 x L={c.num_layers} x K={c.num_kv_heads}'
+              f'  bytes per token    {_fmt(per_token)} (2 x L={cached_layers} x K={c.num_kv_heads}'
               f' x H={c.effective_head_dim} x {_DTYPE_BYTES[c.dtype]} B)',
               f'  MHA equivalent     {_fmt(mha)} bytes per token; {kind} reduction '
               f'{gqa_reduction(c):g}x',

@@ -16,14 +16,14 @@ from rustgpt_jax.config import FeedForwardType, ModelConfig, NormType, PositionT
 from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.block import make_norm
 from rustgpt_jax.nn.embedder import Embedder
-from rustgpt_jax.nn.transformer import _REMAT_POLICIES, SCANNED_COLLECTIONS
+from rustgpt_jax.nn.transformer import REMAT_POLICIES, SCANNED_COLLECTIONS
 
 
 def remat_block(block_cls, config: ModelConfig):
     """`block_cls` wrapped in `nn.remat` per `config.remat_policy` (unchanged for NONE)."""
     if config.remat_policy == RematPolicy.NONE:
         return block_cls
-    return nn.remat(block_cls, policy=_REMAT_POLICIES[config.remat_policy],
+    return nn.remat(block_cls, policy=REMAT_POLICIES[config.remat_policy],
                     prevent_cse=not config.scan_layers)
 
 

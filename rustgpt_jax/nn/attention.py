@@ -133,6 +133,9 @@ class Attention(nn.Module):
             # overwrites held position p - C, which the window already excludes.
             cache_k.value, cache_v.value, cache_pos.value = write(
                 cache_k.value, cache_v.value, cache_pos.value)
+            if self.impl == AttentionImpl.PALLAS and attend is dot_product_attention:
+                from rustgpt_jax.kernels import flash_decode  # lazy: Pallas import is heavy
+                attend = flash_decode
             return attend(q, cache_k.value, cache_v.value, q_positions=positions,
                           kv_positions=cache_pos.value, window=window)
         # Prefill: later tokens of the chunk may overwrite keys earlier ones need, so

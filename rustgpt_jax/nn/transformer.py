@@ -14,7 +14,7 @@ from rustgpt_jax.nn.embedder import Embedder
 # Collections that hold one entry per layer and so are stacked by nn.scan.
 SCANNED_COLLECTIONS = ('params', 'cache', 'intermediates', 'adaptive')
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
     RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -23,7 +23,7 @@ _REMAT_POLICIES = {
 def _block_class(config: ModelConfig):
     if config.remat_policy == RematPolicy.NONE:
         return Block
-    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat_policy],
+    return nn.remat(Block, policy=REMAT_POLICIES[config.remat_policy],
                     prevent_cse=not config.scan_layers)
 
 

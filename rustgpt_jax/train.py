@@ -1,0 +1,80 @@
+"""Command line: `python -m rustgpt_jax.train --gin_file F.gin [--gin_param B] [--resume]`.
+
+gin configures the edges only: `ModelConfig`, `OptimizerConfig`, `DataConfig` and
+`PhaseConfig` are external configurables, and `run_config` below assembles the run.
+Layered files: `configs/model/*.gin` (the model), `configs/run/*.gin` (data, phases,
+schedule, run directory) and root files that include one of each. A misspelt binding
+fails when the files are parsed, before anything is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import gin
+
+from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.training import loop
+from rustgpt_jax.training.optim import OptimizerConfig
+from rustgpt_jax.training.run_config import DataConfig, PhaseConfig, RunConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+gin.external_configurable(ModelConfig, 'ModelConfig')
+gin.external_configurable(OptimizerConfig, 'OptimizerConfig')
+gin.external_configurable(DataConfig, 'DataConfig')
+gin.external_configurable(PhaseConfig, 'PhaseConfig')
+
+
+@gin.configurable
+def run_config(model: ModelConfig = gin.REQUIRED, phases: Sequence[PhaseConfig] = gin.REQUIRED,
+               run_dir: str = gin.REQUIRED, data: DataConfig = DataConfig(), seed: int = 0,
+               checkpoint_every: int = 200, max_to_keep: int = 3, log_every: int = 10,
+               time_budget_s: Optional[float] = None, progress: bool = True) -> RunConfig:
+    """The run assembled from gin bindings (see `RunConfig` for each field)."""
+    return RunConfig(model=model, data=data, phases=tuple(phases), run_dir=run_dir, seed=seed,
+                     checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                     log_every=log_every, time_budget_s=time_budget_s, progress=progress)
+
+
+def load_run_config(gin_files: Sequence[str], gin_params: Sequence[str] = ()) -> RunConfig:
+    """Parses gin files (searched in the working directory, then the repository root)
+    and bindings, and returns the run config.
+
+    Raises:
+      ValueError: a misspelt or unknown binding, a missing file, or a missing
+        required value (gin's message names it).
+    """
+    gin.clear_config()
+    for path in (REPO_ROOT, os.getcwd()):
+        gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+    except IOError as e:
+        raise ValueError(f'gin config file not found: {e}') from None
+    return run_config()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='rustgpt-train', description=__doc__.splitlines()[0])
+    parser.add_argument('--gin_file', action='append', default=[], required=True,
+                        help='gin config file (repeatable; later files override)')
+    parser.add_argument('--gin_param', action='append', default=[],
+                        help="a gin binding, e.g. \"ModelConfig.num_layers = 4\" (repeatable)")
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the latest checkpoint in the run directory')
+    args = parser.parse_args(argv)
+    run = load_run_config(args.gin_file, args.gin_param)
+    result = loop.train(run, resume=args.resume, gin_config=gin.config_str())
+    if result.validation is not None:
+        print(f'final step {result.step}: validation loss {result.validation["loss"]:.4f} '
+              f'(perplexity {result.validation["perplexity"]:.2f}); run directory '
+              f'{result.run_dir}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

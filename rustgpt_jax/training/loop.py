@@ -1,0 +1,238 @@
+"""The training loop: phases, evaluation, checkpoints, metrics and resumption.
+
+Side effects (files, progress bar, printing) live here only; the steps are pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+from tqdm.auto import tqdm
+
+from rustgpt_jax import data as data_lib
+from rustgpt_jax.training import adaptive_glue, data_setup, optim, steps
+from rustgpt_jax.training import metrics as metrics_lib
+from rustgpt_jax.training.checkpoint import TOKENIZER_DIR, Checkpointer, make_meta
+from rustgpt_jax.training.run_config import RunConfig
+from rustgpt_jax.training.state import TrainState, count_params, create_train_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the run stopped before saving it."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` returns.
+
+    Attributes:
+      state: the final train state.
+      step: the last completed global step.
+      train_losses: {global step: training loss} of the steps this call ran.
+      validation: the last evaluation ({'loss', 'perplexity', 'tokens'}) or None.
+      tokenizer: the run's tokenizer.
+      run_dir: where everything was written.
+      stopped_early: True when the time budget ended the run.
+    """
+    state: TrainState
+    step: int
+    train_losses: dict
+    validation: Optional[dict]
+    tokenizer: data_lib.Tokenizer
+    run_dir: str
+    stopped_early: bool = False
+
+
+def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer):
+    """(state, phase index, iterator state) from the latest checkpoint, or None."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(latest)
+    names = [p.name for p in run.phases]
+    if meta.get('phase') not in names:
+        raise ValueError(f'checkpoint step {latest} belongs to phase {meta.get("phase")!r}, '
+                         f'which this run config does not have (phases: {names})')
+    index = names.index(meta['phase'])
+    phase = run.phases[index]
+    template = create_train_state(run.model, optim.make_optimizer(phase.optimizer), run.seed,
+                                  phase.batch_size, phase.seq_len)
+    tree, data_state, _ = ckpt.restore(latest, template.checkpoint_tree(), run.model, tokenizer)
+    return template.replace_tree(tree), index, data_state['iterator']
+
+
+def _setup_tokenizer(run: RunConfig, ckpt_dir: str, resume: bool) -> data_lib.Tokenizer:
+    saved = os.path.join(ckpt_dir, TOKENIZER_DIR)
+    if resume and os.path.isdir(saved):
+        tokenizer = data_lib.load_tokenizer(saved)
+    else:
+        tokenizer = data_setup.build_tokenizer(run.data)
+    data_setup.check_vocab(tokenizer, run.model)
+    return tokenizer
+
+
+def train(run: RunConfig, resume: bool = False, gin_config: str = '',
+          log: Callable[[str], None] = print, stop_at_step: Optional[int] = None,
+          ) -> TrainResult:
+    """Runs (or resumes) every phase of `run`.
+
+    Args:
+      run: the run configuration.
+      resume: continue from the latest checkpoint in `run.run_dir/checkpoints`; without
+        it an existing checkpoint is an error (so a run is never overwritten silently).
+      gin_config: the operative gin config text, stored with every checkpoint.
+      log: where progress lines go.
+      stop_at_step: end abruptly once this global step is done, with no final
+        evaluation or checkpoint, as a kill would (for resumption tests).
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/inf (the message names the step and the
+        last good checkpoint).
+    """
+    ckpt_dir = os.path.join(run.run_dir, 'checkpoints')
+    if not resume and os.path.isdir(ckpt_dir) and any(
+            name.isdigit() for name in os.listdir(ckpt_dir)):
+        raise ValueError(f'{ckpt_dir} already holds checkpoints; pass --resume to continue '
+                         'that run or choose another run_dir')
+    tokenizer = _setup_tokenizer(run, ckpt_dir, resume)
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=run.max_to_keep)
+    ckpt.save_tokenizer(tokenizer)
+    if gin_config:
+        with open(os.path.join(run.run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
+            f.write(gin_config)
+    writer = metrics_lib.MetricsWriter(run.run_dir)
+    restored = _restore_or_none(run, ckpt, tokenizer) if resume else None
+    state, step, resume_phase, resume_iter = None, 0, None, None
+    if restored is not None:
+        state, resume_phase, resume_iter = restored
+        step = int(state.step)
+        log(f'resuming {run.run_dir} at step {step} (phase {run.phases[resume_phase].name!r})')
+    loop = _Loop(run, ckpt, writer, tokenizer, gin_config, log, stop_at_step)
+    try:
+        start = 0
+        for index, phase in enumerate(run.phases):
+            end = start + phase.steps
+            if step < end:
+                tx = optim.make_optimizer(phase.optimizer)
+                if state is None:
+                    state = create_train_state(run.model, tx, run.seed, phase.batch_size,
+                                               phase.seq_len)
+                    log(metrics_lib.architecture_summary(run.model, count_params(state.params)))
+                    writer.write_text('architecture', metrics_lib.architecture_summary(
+                        run.model, count_params(state.params)))
+                elif resume_phase != index:
+                    # A new phase starts a fresh optimizer (moments and schedule).
+                    state = state.replace(tx=tx, opt_state=jax.jit(tx.init)(state.params))
+                phase_data = data_setup.build_phase_data(phase, run.data, tokenizer, run.seed)
+                if resume_phase == index:
+                    phase_data.train.restore(resume_iter)
+                log(f'phase {phase.name!r} ({phase.kind}): {phase_data.description}; '
+                    f'steps {step}..{end}')
+                state, step = loop.run_phase(state, step, start, phase, phase_data)
+                if loop.stopped_early:
+                    break
+            start = end
+    finally:
+        loop.close()
+        writer.close()
+        ckpt.close()
+    return TrainResult(state=state, step=step, train_losses=loop.train_losses,
+                       validation=loop.validation, tokenizer=tokenizer, run_dir=run.run_dir,
+                       stopped_early=loop.stopped_early)
+
+
+class _Loop:
+    """Per-run mutable bookkeeping shared by the phases."""
+
+    def __init__(self, run: RunConfig, ckpt: Checkpointer, writer, tokenizer, gin_config, log,
+                 stop_at_step: Optional[int] = None):
+        self.run, self.ckpt, self.writer, self.log = run, ckpt, writer, log
+        self.stop_at_step = stop_at_step
+        self.meta = make_meta(run.model, tokenizer, gin_config)
+        self.eval_step = steps.make_eval_step(run.model)
+        self.train_losses: dict[int, float] = {}
+        self.validation: Optional[dict] = None
+        self.stopped_early = False
+        self.t_start = time.perf_counter()
+        self.bar = tqdm(total=run.total_steps, disable=not run.progress, dynamic_ncols=True)
+
+    def close(self):
+        self.bar.close()
+
+    def _check(self, step: int, phase_name: str, metrics: dict) -> dict:
+        """Host copy of one step's metrics; raises on a non-finite loss or gradient."""
+        host = jax.device_get(metrics)
+        loss, grad_norm = float(host['loss']), float(host['grad_norm'])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = self.ckpt.latest_step()
+            where = (f'the last good checkpoint is step {last} in {self.ckpt.directory}'
+                     if last is not None else 'no checkpoint had been saved yet')
+            raise NonFiniteLossError(
+                f'non-finite training loss {loss} (gradient norm {grad_norm}) at step {step} '
+                f'of phase {phase_name!r}; the run stopped without saving this state; {where}')
+        self.train_losses[step] = loss
+        return host
+
+    def run_phase(self, state: TrainState, step: int, start: int, phase, phase_data):
+        """Trains global steps step+1 .. start+phase.steps; returns (state, step)."""
+        run = self.run
+        end = start + phase.steps
+        schedule = optim.learning_rate_schedule(phase.optimizer)
+        train_step = steps.make_train_step(
+            run.model, phase.accum_steps, schedule=lambda s: schedule(s - start))
+        tokens_per_step = phase.batch_size * phase.accum_steps * phase.seq_len
+        self.bar.n = step
+        self.bar.refresh()
+        pending = None  # (step, device metrics): checked one step late to keep dispatch async
+        t_log, steps_since_log = time.perf_counter(), 0
+        while step < end:
+            batch = data_setup.as_device_batch(next(phase_data.train))
+            state, metrics = train_step(state, batch)
+            step += 1
+            steps_since_log += 1
+            if pending is not None:
+                self._check(pending[0], phase.name, pending[1])
+            pending = (step, metrics)
+            if step == self.stop_at_step:
+                self._check(step, phase.name, metrics)
+                self.stopped_early = True
+                break
+            over_budget = (run.time_budget_s is not None
+                           and time.perf_counter() - self.t_start > run.time_budget_s)
+            if step % run.log_every == 0 or step == end or over_budget:
+                host = self._check(step, phase.name, metrics)
+                pending = None
+                now = time.perf_counter()
+                tok_s = tokens_per_step * steps_since_log / max(now - t_log, 1e-9)
+                t_log, steps_since_log = now, 0
+                values = {'loss': host['loss'], 'grad_norm': host['grad_norm'],
+                          'learning_rate': host['learning_rate'], 'tokens_per_s': tok_s}
+                values.update(adaptive_glue.summarize_intermediates(host['intermediates']))
+                self.writer.write(step, 'train', values)
+                self.bar.set_postfix(loss=f'{float(host["loss"]):.4f}', tok_s=f'{tok_s:,.0f}')
+            self.bar.update(step - self.bar.n)
+            if step % run.checkpoint_every == 0 or step == end or over_budget:
+                if pending is not None:
+                    self._check(pending[0], phase.name, pending[1])
+                    pending = None
+                self.evaluate_and_save(state, step, phase, phase_data)
+            if over_budget:
+                self.log(f'time budget of {run.time_budget_s:.0f} s reached at step {step}')
+                self.stopped_early = True
+                break
+        return state, step
+
+    def evaluate_and_save(self, state: TrainState, step: int, phase, phase_data) -> None:
+        self.validation = steps.evaluate(self.eval_step, state, phase_data.validation)
+        self.writer.write(step, 'val', {'loss': self.validation['loss'],
+                                        'perplexity': self.validation['perplexity']})
+        self.bar.write(f'step {step}: validation loss {self.validation["loss"]:.4f} '
+                       f'(perplexity {self.validation["perplexity"]:.2f})')
+        data_state = {'phase': phase.name, 'iterator': phase_data.train.state()}
+        self.ckpt.save(step, state.checkpoint_tree(), data_state,
+                       {**self.meta, 'phase': phase.name}, val_loss=self.validation['loss'])

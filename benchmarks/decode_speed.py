@@ -1,0 +1,165 @@
+"""Decode speed: rustgpt_jax `generate` vs Hugging Face `generate` on identical weights.
+
+A ~110M-parameter llama-shaped model (dim 768, 12 layers, 12 heads, FFN 2048, vocab
+32000) is initialised by `transformers` (torch, CPU, float32) and loaded into
+rustgpt_jax through `interop.hf.params_from_hf`. Both sides decode greedily, with a
+KV cache, a 128-token prompt and exactly 128 new tokens, at batch 1 and 8, in one run.
+
+Printed (table + JSON):
+  * tokens/s end to end (prefill + decode) and for the decode phase alone (the
+    difference between 128 and 1 new tokens), per side, and the JAX/HF ratio;
+  * the memory-bandwidth bound of batch-1 decode: weight bytes read per token (all
+    weights but the embedding table, of which one row is read) over the copy bandwidth
+    measured with numpy (bytes read + bytes written per second of a large `np.copyto`);
+  * KV-cache bytes against the generated length for full causal attention and a
+    sliding window (flat beyond W: the cache is a ring of W slots).
+
+Usage: python benchmarks/decode_speed.py [--batches 1 8] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.decoding import generate, unstack_layers
+from rustgpt_jax.decoding.cache import _cache_shapes
+from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
+from rustgpt_jax.models import build_model
+
+MODEL = dict(vocab_size=32000, embed_dim=768, hidden_dim=2048, num_layers=12, num_heads=12,
+             num_kv_heads=12, max_seq_len=256)
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by numpy copying a large buffer."""
+    src = np.ones(megabytes * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def jax_seconds(model, params, prompts, new_tokens, repeats):
+    tokens = np.asarray(prompts, np.int32)
+    lengths = np.full((tokens.shape[0],), tokens.shape[1], np.int32)
+
+    def run(n):
+        out = generate(model, params, tokens, lengths, max_new_tokens=n)
+        return out.tokens
+    return _best(lambda: run(new_tokens), repeats), _best(lambda: run(1), repeats), run(new_tokens)
+
+
+def hf_seconds(hf_model, prompts, new_tokens, repeats):
+    import torch
+    ids = torch.as_tensor(np.asarray(prompts, np.int64))
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                    max_new_tokens=n, min_new_tokens=n, use_cache=True,
+                                    pad_token_id=0)
+        return out[:, ids.shape[1]:].numpy()
+    return _best(lambda: run(new_tokens), repeats), _best(lambda: run(1), repeats), run(new_tokens)
+
+
+def cache_bytes(config: ModelConfig) -> int:
+    shapes = _cache_shapes(build_model(config), 1)
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(shapes))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
+    parser.add_argument('--prompt_len', type=int, default=128)
+    parser.add_argument('--new_tokens', type=int, default=128)
+    parser.add_argument('--repeats', type=int, default=2)
+    parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
+    parser.add_argument('--scanned', action='store_true', help='also time the scanned stack')
+    parser.add_argument('--json', default=None, help='also write the results here')
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    torch.set_num_threads(args.torch_threads)
+    base = ModelConfig(**{**MODEL, 'max_seq_len': max(MODEL['max_seq_len'],
+                                                      args.prompt_len + args.new_tokens)})
+    hf_model = transformers.LlamaForCausalLM(hf_config_from(base)).eval()
+    config = config_from_hf(hf_model.config, max_seq_len=base.max_seq_len)
+    params = params_from_hf(hf_model.state_dict(), config)
+    variants = {'jax unrolled': unstack_layers(config, params)}
+    if args.scanned:  # the nn.scan layer stack, for comparison (one more compile)
+        variants['jax scanned'] = (config, params)
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    weight_bytes = (n_params - config.vocab_size * config.embed_dim) * 4
+    bandwidth = copy_bandwidth()
+    bound = bandwidth / weight_bytes  # batch-1 tokens/s if only weight reads cost time
+    results = dict(devices=str(jax.devices()), params=n_params, weight_bytes=weight_bytes,
+                   copy_bandwidth_gbs=bandwidth / 1e9, bound_tokens_s=bound, rows=[])
+
+    rng = np.random.default_rng(0)
+    print(f'{n_params / 1e6:.1f}M params, {weight_bytes / 1e9:.3f} GB weights read per token, '
+          f'copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound:.1f} tokens/s (batch 1)')
+    header = (f'{"impl":<14} {"batch":>5} {"e2e tok/s":>10} {"decode tok/s":>13} '
+              f'{"vs HF decode":>12} {"of bound":>9} {"greedy = HF":>11}')
+    print(header)
+    for batch in args.batches:
+        prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
+        hf_total, hf_first, hf_tokens = hf_seconds(hf_model, prompts, args.new_tokens,
+                                                   args.repeats)
+        rows = {'hf torch': (hf_total, hf_first, hf_tokens)}
+        for name, (cfg, p) in variants.items():
+            rows[name] = jax_seconds(build_model(cfg), p, prompts, args.new_tokens, args.repeats)
+        hf_decode = (args.new_tokens - 1) * batch / (hf_total - hf_first)
+        for name, (total, first, tokens) in rows.items():
+            decode = (args.new_tokens - 1) * batch / (total - first)
+            row = dict(impl=name, batch=batch, e2e_tokens_s=args.new_tokens * batch / total,
+                       decode_tokens_s=decode, vs_hf=decode / hf_decode,
+                       of_bound=decode / bound if batch == 1 else None,
+                       greedy_match=float(np.mean(tokens == hf_tokens)))
+            results['rows'].append(row)
+            of_bound = f'{row["of_bound"]:.0%}' if row['of_bound'] is not None else '-'
+            print(f'{name:<14} {batch:>5} {row["e2e_tokens_s"]:>10.1f} {decode:>13.1f} '
+                  f'{row["vs_hf"]:>11.2f}x {of_bound:>9} {row["greedy_match"]:>11.0%}')
+
+    print('\nKV-cache bytes per sequence (float32) against the generated length')
+    lengths = [256, 1024, 4096, 16384]
+    window = 256
+    cache_rows = []
+    for n in lengths:
+        full = cache_bytes(config.replace(max_seq_len=n))
+        ring = cache_bytes(config.replace(max_seq_len=n, window_size=window))
+        cache_rows.append(dict(length=n, full_causal_bytes=full, window_bytes=ring))
+        print(f'  length {n:>6}: full causal {full / 2**20:8.1f} MiB   window {window}: '
+              f'{ring / 2**20:6.1f} MiB')
+    results['kv_cache'] = dict(window=window, rows=cache_rows)
+    print(json.dumps(results))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+    jnp.zeros(())  # initialise the backend before timing anything
+    main()

@@ -1,0 +1,193 @@
+"""`rustgpt-generate` and `rustgpt-chat`: thin command lines over a saved checkpoint.
+
+Prompt rules (never a crash; every adjustment is reported on stderr):
+  * characters the tokenizer cannot encode: a tokenizer with an `<unk>` id maps them to
+    it (reported with a count); one that refuses them raises, and the CLI prints the
+    tokenizer's message and exits with status 2 (the chat asks again);
+  * an empty prompt starts from BOS, else from EOS (the document separator the model
+    saw in training), else it is an error;
+  * too long for a model with a fixed context (full causal or learned positions,
+    `cache.context_limit`): max_new_tokens is capped at context - 1 and the prompt is
+    cut from the left to the newest context - max_new_tokens tokens. A sliding-window
+    RoPE model has no limit (its cache is a ring buffer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence, TextIO
+
+import jax
+
+from rustgpt_jax.data.instructions import format_prompt
+from rustgpt_jax.decoding.beam import BeamConfig, beam_search
+from rustgpt_jax.decoding.cache import context_limit, unstack_layers
+from rustgpt_jax.decoding.sampling import SamplingConfig
+from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
+from rustgpt_jax.models import build_model
+
+CHAT_STOP = ('\nUser:',)  # a chat answer ends where the model starts the next turn
+
+
+def load_checkpoint(directory: str, which: str = 'best'):
+    """(config, params, tokenizer) of a saved run (the training package's loader)."""
+    from rustgpt_jax.training.checkpoint import load_for_inference
+    return load_for_inference(directory, which=which)
+
+
+class Session:
+    """A loaded model ready to generate: the model, params, tokenizer and context limit.
+
+    The layer stack is unrolled for decoding (`cache.unstack_layers`): faster per token
+    on CPU, identical numbers.
+    """
+
+    def __init__(self, config, params, tokenizer, err: TextIO = sys.stderr):
+        self.config, self.params = unstack_layers(config, params)
+        self.model = build_model(self.config)
+        self.tokenizer = tokenizer
+        self.limit = context_limit(self.config)
+        self.err = err
+
+    def encode(self, text: str, max_new_tokens: int) -> tuple[list[int], int]:
+        """Prompt ids and the max_new_tokens that fit (see the module docstring)."""
+        tok = self.tokenizer
+        ids = [int(i) for i in tok.encode(text)]
+        unknown = sum(i == tok.unk_id for i in ids) if tok.unk_id is not None else 0
+        if unknown:
+            self._note(f'{unknown} character(s) of the prompt are not in the vocabulary and '
+                       f'were replaced by <unk>')
+        if not ids:
+            start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+            if start is None:
+                raise ValueError('the prompt is empty and the tokenizer has no BOS or EOS '
+                                 'token to start from')
+            ids = [int(start)]
+        if self.limit is not None:
+            if max_new_tokens > self.limit - 1:
+                self._note(f'max_new_tokens {max_new_tokens} capped at {self.limit - 1} '
+                           f'(context {self.limit})')
+                max_new_tokens = self.limit - 1
+            keep = self.limit - max_new_tokens
+            if len(ids) > keep:
+                self._note(f'prompt of {len(ids)} tokens cut to its last {keep} (context '
+                           f'{self.limit} = prompt + max_new_tokens {max_new_tokens})')
+                ids = ids[-keep:]
+        return ids, max_new_tokens
+
+    def stream_text(self, text: str, *, max_new_tokens: int, sampling: SamplingConfig,
+                    seed: int, stop: Sequence[str], out: TextIO) -> str:
+        """Streams the continuation of `text` to `out`; returns it."""
+        ids, max_new_tokens = self.encode(text, max_new_tokens)
+        streamer = TextStreamer(self.tokenizer, stop)
+        for token in stream(self.model, self.params, ids, max_new_tokens=max_new_tokens,
+                            sampling=sampling, eos_id=self.tokenizer.eos_id,
+                            rng=jax.random.key(seed), limit=self.limit):
+            out.write(streamer.push(token))
+            out.flush()
+            if streamer.stopped:
+                break
+        out.write(streamer.flush())
+        out.flush()
+        return streamer.text
+
+    def beam_text(self, text: str, *, max_new_tokens: int, config: BeamConfig,
+                  stop: Sequence[str]) -> tuple[str, list[int]]:
+        """Best beam-search continuation and the width trajectory."""
+        ids, max_new_tokens = self.encode(text, max_new_tokens)
+        result = beam_search(self.model, self.params, ids, max_new_tokens=max_new_tokens,
+                             config=config, eos_id=self.tokenizer.eos_id,
+                             pad_id=self.tokenizer.pad_id, limit=self.limit)
+        text, _ = truncate_at_stop(self.tokenizer.decode(result.best), stop)
+        return text, result.widths.tolist()
+
+    def _note(self, message: str) -> None:
+        print(f'[note] {message}', file=self.err)
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--checkpoint', required=True, help='run or checkpoints/ directory')
+    parser.add_argument('--which', choices=('best', 'latest'), default='best')
+    parser.add_argument('--max_new_tokens', type=int, default=200)
+    parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
+    parser.add_argument('--top_k', type=int, default=0, help='0 = off')
+    parser.add_argument('--top_p', type=float, default=1.0, help='1 = off')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--stop', action='append', default=[],
+                        help='stop string (repeatable); generation ends before it')
+
+
+def _sampling(args) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
+                  err: TextIO = sys.stderr) -> int:
+    """`rustgpt-generate`: continue a prompt (streamed), or beam search with --beam."""
+    parser = argparse.ArgumentParser(prog='rustgpt-generate', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser)
+    parser.add_argument('--prompt', required=True)
+    parser.add_argument('--beam', action='store_true', help='adaptive-width beam search')
+    parser.add_argument('--beam_width', type=int, default=4, help='starting width')
+    parser.add_argument('--min_width', type=int, default=1)
+    parser.add_argument('--max_width', type=int, default=8)
+    parser.add_argument('--fixed_width', action='store_true', help='no width adaptation')
+    parser.add_argument('--alpha', type=float, default=1.0, help='length normalisation')
+    args = parser.parse_args(argv)
+    try:
+        session = Session(*load_checkpoint(args.checkpoint, args.which), err=err)
+        if args.beam:
+            config = BeamConfig(width=args.beam_width, min_width=args.min_width,
+                                max_width=args.max_width, alpha=args.alpha,
+                                adaptive=not args.fixed_width)
+            text, widths = session.beam_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                             config=config, stop=args.stop)
+            out.write(text + '\n')
+            print(f'[beam widths] {widths}', file=err)
+        else:
+            session.stream_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                sampling=_sampling(args), seed=args.seed, stop=args.stop,
+                                out=out)
+            out.write('\n')
+    except ValueError as e:  # bad flags, prompt or checkpoint: a message, not a traceback
+        print(f'error: {e}', file=err)
+        return 2
+    return 0
+
+
+def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """`rustgpt-chat`: a REPL; each line is answered (streamed); `exit` or EOF quits."""
+    parser = argparse.ArgumentParser(prog='rustgpt-chat', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser)
+    parser.add_argument('--template', choices=('chat', 'plain'), default='chat',
+                        help="chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); "
+                             'plain: continue the text as typed')
+    args = parser.parse_args(argv)
+    try:
+        session = Session(*load_checkpoint(args.checkpoint, args.which), err=err)
+        sampling = _sampling(args)
+    except ValueError as e:
+        print(f'error: {e}', file=err)
+        return 2
+    stop = list(args.stop) + (list(CHAT_STOP) if args.template == 'chat' else [])
+    out.write("Type a message; 'exit' quits.\n")
+    for turn in range(1 << 30):
+        out.write('User: ')
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ('exit', 'quit'):
+            break
+        text = line.rstrip('\n')
+        prompt = format_prompt(text) if args.template == 'chat' else text
+        out.write('Assistant: ')
+        try:
+            session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                seed=args.seed + turn, stop=stop, out=out)
+        except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
+            print(f'error: {e}', file=err)
+        out.write('\n')
+    return 0

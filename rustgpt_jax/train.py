@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import gin
 
+from rustgpt_jax import sharding
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.training import loop
 from rustgpt_jax.training.optim import OptimizerConfig
@@ -27,17 +28,20 @@ gin.external_configurable(ModelConfig, 'ModelConfig')
 gin.external_configurable(OptimizerConfig, 'OptimizerConfig')
 gin.external_configurable(DataConfig, 'DataConfig')
 gin.external_configurable(PhaseConfig, 'PhaseConfig')
+gin.external_configurable(sharding.MeshConfig, 'MeshConfig')
 
 
 @gin.configurable
 def run_config(model: ModelConfig = gin.REQUIRED, phases: Sequence[PhaseConfig] = gin.REQUIRED,
                run_dir: str = gin.REQUIRED, data: DataConfig = DataConfig(), seed: int = 0,
                checkpoint_every: int = 200, max_to_keep: int = 3, log_every: int = 10,
-               time_budget_s: Optional[float] = None, progress: bool = True) -> RunConfig:
+               time_budget_s: Optional[float] = None, progress: bool = True,
+               mesh: Optional[sharding.MeshConfig] = None) -> RunConfig:
     """The run assembled from gin bindings (see `RunConfig` for each field)."""
     return RunConfig(model=model, data=data, phases=tuple(phases), run_dir=run_dir, seed=seed,
                      checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
-                     log_every=log_every, time_budget_s=time_budget_s, progress=progress)
+                     log_every=log_every, time_budget_s=time_budget_s, progress=progress,
+                     mesh=mesh)
 
 
 def load_run_config(gin_files: Sequence[str], gin_params: Sequence[str] = ()) -> RunConfig:
@@ -66,7 +70,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="a gin binding, e.g. \"ModelConfig.num_layers = 4\" (repeatable)")
     parser.add_argument('--resume', action='store_true',
                         help='continue from the latest checkpoint in the run directory')
+    parser.add_argument('--coordinator_address', default=None,
+                        help='multi-host: host:port of process 0 (else RUSTGPT_COORDINATOR, '
+                             'else SLURM / TPU auto-detection)')
+    parser.add_argument('--num_processes', type=int, default=None, help='multi-host: process count')
+    parser.add_argument('--process_id', type=int, default=None, help='multi-host: this process')
     args = parser.parse_args(argv)
+    # Before any other JAX call: the distributed runtime must own device discovery.
+    sharding.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
     run = load_run_config(args.gin_file, args.gin_param)
     result = loop.train(run, resume=args.resume, gin_config=gin.config_str())
     if result.validation is not None:

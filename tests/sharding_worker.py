@@ -132,6 +132,57 @@ def distributed(process_id, port):
             'global_devices': jax.device_count(), 'local_devices': jax.local_device_count()}
 
 
+def trainer(directory):
+    """The real trainer: single device vs a (4, 2) FSDP x TP mesh, then a run killed on
+    (4, 2) and resumed on (8, 1)."""
+    import pathlib
+    import sys as _sys
+    _sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import dataclasses
+    from tests.test_training_helpers import tiny_run as _tiny_run
+    from tests.test_training_helpers import write_corpus
+    from rustgpt_jax.training.loop import train
+
+    def tiny_run(*args, **kwargs):  # batch 8 so every mesh's data axis divides it
+        run = _tiny_run(*args, **kwargs)
+        return dataclasses.replace(run, phases=tuple(
+            dataclasses.replace(p, batch_size=8) for p in run.phases))
+    root = pathlib.Path(directory)
+    corpus = write_corpus(root)
+    quiet = dict(log=lambda *_: None)
+    single = train(tiny_run(root, corpus, steps=6, name='single'), **quiet)
+    fsdp_tp = sharding.MeshConfig(shape=(4, 2), strategy='fsdp_tp')
+    meshed = train(tiny_run(root, corpus, steps=6, name='meshed', mesh=fsdp_tp), **quiet)
+    killed = tiny_run(root, corpus, steps=6, name='killed', mesh=fsdp_tp)
+    train(killed, stop_at_step=5, **quiet)
+    resumed = train(tiny_run(root, corpus, steps=6, name='killed',
+                             mesh=sharding.MeshConfig(shape=(8, 1), strategy='dp')),
+                    resume=True, **quiet)
+    spec = str(meshed.state.params['layers']['ffn']['w1']['kernel'].sharding.spec)
+    return {'single': single.train_losses, 'meshed': meshed.train_losses,
+            'resumed': resumed.train_losses,
+            'meshed_param_diff': max_diff(meshed.state.params, single.state.params),
+            'resumed_param_diff': max_diff(resumed.state.params, single.state.params),
+            'meshed_w1_spec': spec,
+            'validation': [single.validation['loss'], meshed.validation['loss'],
+                           resumed.validation['loss']]}
+
+
+def pallas():
+    """A Pallas-attention model trained on a (4, 2) DP x TP mesh vs the reference on one device."""
+    global MODEL
+    batch = make_batch()
+    _, ref_losses, _ = single_device(batch)
+    MODEL = build_model(CONFIG.replace(attention_impl='pallas'))
+    mesh_config = sharding.MeshConfig(shape=(4, 2), strategy='dp_tp')
+    state, losses, _ = run(mesh_config, batch, steps=2)
+    with jax.set_mesh(sharding.make_mesh(mesh_config)), nn.logical_axis_rules(mesh_config.rules):
+        jaxpr = str(jax.make_jaxpr(lambda p, t: MODEL.apply({'params': p}, t))(
+            state['params'], batch['tokens']))
+    return {'reference': ref_losses[:2], 'pallas': losses,
+            'shard_maps': jaxpr.count('shard_map['), 'pallas_calls': jaxpr.count('pallas_call')}
+
+
 if __name__ == '__main__':
     case = sys.argv[1]
     if case == 'strategies':
@@ -140,6 +191,10 @@ if __name__ == '__main__':
         result = restore(sys.argv[2])
     elif case == 'distributed':
         result = distributed(int(sys.argv[2]), int(sys.argv[3]))
+    elif case == 'trainer':
+        result = trainer(sys.argv[2])
+    elif case == 'pallas':
+        result = pallas()
     elif case == 'reference':
         result = {'losses': single_device(make_batch())[1]}
     else:

@@ -85,3 +85,24 @@ def test_rules_and_mesh_errors_are_clear():
     with pytest.raises(ValueError, match='needs 6 devices'):
         sharding.mesh.resolve_shape((3, 2), 8)
     assert sharding.mesh.resolve_shape((-1, 2), 8) == (4, 2)
+
+
+def test_trainer_on_a_mesh_matches_single_device_and_resumes_on_another_mesh(tmp_path):
+    result = _run_worker('trainer', tmp_path)
+    single = result['single']
+    assert list(result['meshed']) == list(single)
+    np.testing.assert_allclose(list(result['meshed'].values()), list(single.values()), atol=1e-5)
+    # Killed after step 5 on (4, 2) (last checkpoint: step 4), resumed on (8, 1).
+    assert list(result['resumed']) == ['5', '6']
+    np.testing.assert_allclose([result['resumed'][k] for k in ('5', '6')],
+                               [single[k] for k in ('5', '6')], atol=1e-5)
+    assert result['meshed_param_diff'] < 1e-5 and result['resumed_param_diff'] < 1e-5
+    assert result['meshed_w1_spec'] == "P(None, 'data', 'model')"
+    np.testing.assert_allclose(result['validation'], result['validation'][0], atol=1e-5)
+    assert single['6'] < single['1'] - 0.1
+
+
+def test_pallas_attention_runs_per_shard_under_shard_map():
+    result = _run_worker('pallas')
+    np.testing.assert_allclose(result['pallas'], result['reference'], atol=1e-5)
+    assert result['shard_maps'] >= 1 and result['pallas_calls'] >= 1

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
+
+import flax.linen as nn
+import jax
+from jax.sharding import PartitionSpec as P
 
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl
+from rustgpt_jax.nn import axes
 from rustgpt_jax.ops import reference
 
 
@@ -41,10 +47,70 @@ def dot_product_attention(q, k, v, *, q_positions, kv_positions,
         from rustgpt_jax.ops import blocked
         fn = blocked.blocked_attention
     elif impl == AttentionImpl.PALLAS:
-        from rustgpt_jax.kernels import flash_attention
-        fn = flash_attention.flash_attention
+        from rustgpt_jax import kernels  # lazy: Pallas import is heavy
+        fn = _per_shard(kernels.flash_attention, window, q_segment_ids is not None)
     else:  # pragma: no cover - the enum is exhaustive
         raise ValueError(f'unknown attention implementation {impl!r}')
     return fn(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
               window=window, q_segment_ids=q_segment_ids,
               kv_segment_ids=kv_segment_ids, scale=scale)
+
+
+def _per_shard(kernel, window, has_segments: bool):
+    """Runs a Pallas kernel per shard under `shard_map` when a mesh and rules are active.
+
+    XLA cannot partition a Pallas custom call, so without this it would gather the
+    sharded q/k/v onto every device. Batch rows and heads are independent in
+    attention, so each device runs the kernel on its (batch, heads) block: query head
+    n reads KV head n // G, and contiguous head blocks keep that map local whenever the
+    KV heads divide evenly over the mesh axis (the sharding rules check divisibility).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel
+    q_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
+    kv_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
+    if q_spec is None or all(a is None for a in tuple(q_spec) + tuple(kv_spec)):
+        return kernel
+    if q_spec[2] != kv_spec[2]:
+        raise ValueError(f'Pallas attention needs query and KV heads sharded alike, got '
+                         f'heads -> {q_spec[2]!r}, kv_heads -> {kv_spec[2]!r}')
+    rows = P(q_spec[0], None)
+    window_spec = P(q_spec[0]) if jax.numpy.ndim(window) == 1 else P()
+
+    def call(q, k, v, q_positions, kv_positions, window, q_segment_ids=None,
+             kv_segment_ids=None, scale=None):
+        inner = functools.partial(kernel, scale=scale)
+        if not (_divides(q.shape, q_spec, mesh) and _divides(k.shape, kv_spec, mesh)):
+            # E.g. init on a (1, T) dummy batch: run unsharded rather than fail.
+            return inner(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                         window=window, q_segment_ids=q_segment_ids,
+                         kv_segment_ids=kv_segment_ids)
+        seg_specs = (rows, rows) if has_segments else ()
+        seg_args = (q_segment_ids, kv_segment_ids) if has_segments else ()
+
+        def body(q, k, v, qp, kp, w, *segs):
+            qs, ks = segs if segs else (None, None)
+            return inner(q, k, v, q_positions=qp, kv_positions=kp, window=w,
+                         q_segment_ids=qs, kv_segment_ids=ks)
+
+        return jax.shard_map(
+            body, in_specs=(P(*q_spec), P(*kv_spec), P(*kv_spec), rows, rows, window_spec)
+            + seg_specs, out_specs=P(*q_spec), check_vma=False)(
+                q, k, v, q_positions, kv_positions, window, *seg_args)
+
+    return call
+
+
+def _divides(shape, spec, mesh) -> bool:
+    """Whether every dim of `shape` splits evenly over its mesh axes in `spec`."""
+    for size, names in zip(shape, spec):
+        if names is None:
+            continue
+        names = names if isinstance(names, tuple) else (names,)
+        parts = 1
+        for name in names:
+            parts *= mesh.shape[name]
+        if size % parts:
+            return False
+    return True

@@ -35,7 +35,7 @@ _REPLICATED = tuple((name, None) for name in (
 _TABLE = {
     Strategy.DP: _BATCH,
     Strategy.FSDP: _BATCH + _FSDP,
-    Strategy.TP: _BATCH + _TP,
+    Strategy.TP: _TP,
     Strategy.DP_TP: _BATCH + _TP,
     Strategy.FSDP_TP: _BATCH + _FSDP + _TP,
 }

@@ -5,6 +5,7 @@ Side effects (files, progress bar, printing) live here only; the steps are pure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -15,6 +16,7 @@ import jax
 from tqdm.auto import tqdm
 
 from rustgpt_jax import data as data_lib
+from rustgpt_jax.sharding.training import ShardingPlan, make_plan
 from rustgpt_jax.training import adaptive_glue, data_setup, optim, steps
 from rustgpt_jax.training import metrics as metrics_lib
 from rustgpt_jax.training.checkpoint import TOKENIZER_DIR, Checkpointer, make_meta
@@ -48,8 +50,13 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer):
-    """(state, phase index, iterator state) from the latest checkpoint, or None."""
+def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer,
+                     plan: Optional[ShardingPlan]):
+    """(state, phase index, iterator state) from the latest checkpoint, or None.
+
+    With a sharding plan the template is laid out on the current mesh first, so a
+    checkpoint saved on one mesh restores onto another.
+    """
     latest = ckpt.latest_step()
     if latest is None:
         return None
@@ -62,6 +69,8 @@ def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer):
     phase = run.phases[index]
     template = create_train_state(run.model, optim.make_optimizer(phase.optimizer), run.seed,
                                   phase.batch_size, phase.seq_len)
+    if plan is not None:
+        template = plan.place_state(template)
     tree, data_state, _ = ckpt.restore(latest, template.checkpoint_tree(), run.model, tokenizer)
     return template.replace_tree(tree), index, data_state['iterator']
 
@@ -106,13 +115,27 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
         with open(os.path.join(run.run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
             f.write(gin_config)
     writer = metrics_lib.MetricsWriter(run.run_dir)
-    restored = _restore_or_none(run, ckpt, tokenizer) if resume else None
+    plan = None
+    if run.mesh is not None:
+        first = run.phases[0]
+        plan = make_plan(run.mesh, run.model, optim.make_optimizer(first.optimizer),
+                         first.batch_size, first.seq_len)
+        log(f'mesh {dict(plan.mesh.shape)} strategy {run.mesh.strategy!r} over '
+            f'{plan.mesh.size} devices ({jax.process_count()} process(es))')
+    context = plan.activate() if plan is not None else contextlib.nullcontext()
+    with context:
+        return _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer,
+                      plan)
+
+
+def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, plan):
+    restored = _restore_or_none(run, ckpt, tokenizer, plan) if resume else None
     state, step, resume_phase, resume_iter = None, 0, None, None
     if restored is not None:
         state, resume_phase, resume_iter = restored
         step = int(state.step)
         log(f'resuming {run.run_dir} at step {step} (phase {run.phases[resume_phase].name!r})')
-    loop = _Loop(run, ckpt, writer, tokenizer, gin_config, log, stop_at_step)
+    loop = _Loop(run, ckpt, writer, tokenizer, gin_config, log, stop_at_step, plan)
     try:
         start = 0
         for index, phase in enumerate(run.phases):
@@ -128,6 +151,8 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
                 elif resume_phase != index:
                     # A new phase starts a fresh optimizer (moments and schedule).
                     state = state.replace(tx=tx, opt_state=jax.jit(tx.init)(state.params))
+                if plan is not None:
+                    state = plan.place_state(state)
                 phase_data = data_setup.build_phase_data(phase, run.data, tokenizer, run.seed)
                 if resume_phase == index:
                     phase_data.train.restore(resume_iter)
@@ -150,8 +175,9 @@ class _Loop:
     """Per-run mutable bookkeeping shared by the phases."""
 
     def __init__(self, run: RunConfig, ckpt: Checkpointer, writer, tokenizer, gin_config, log,
-                 stop_at_step: Optional[int] = None):
+                 stop_at_step: Optional[int] = None, plan: Optional[ShardingPlan] = None):
         self.run, self.ckpt, self.writer, self.log = run, ckpt, writer, log
+        self.plan = plan
         self.stop_at_step = stop_at_step
         self.meta = make_meta(run.model, tokenizer, gin_config)
         self.eval_step = steps.make_eval_step(run.model)
@@ -183,8 +209,12 @@ class _Loop:
         run = self.run
         end = start + phase.steps
         schedule = optim.learning_rate_schedule(phase.optimizer)
+        shardings = None
+        if self.plan is not None:
+            shardings = (self.plan.state_prefix(state), self.plan.batch)
         train_step = steps.make_train_step(
-            run.model, phase.accum_steps, schedule=lambda s: schedule(s - start))
+            run.model, phase.accum_steps, schedule=lambda s: schedule(s - start),
+            shardings=shardings)
         tokens_per_step = phase.batch_size * phase.accum_steps * phase.seq_len
         self.bar.n = step
         self.bar.refresh()
@@ -192,6 +222,8 @@ class _Loop:
         t_log, steps_since_log = time.perf_counter(), 0
         while step < end:
             batch = data_setup.as_device_batch(next(phase_data.train))
+            if self.plan is not None:
+                batch = self.plan.global_batch(batch)
             state, metrics = train_step(state, batch)
             step += 1
             steps_since_log += 1

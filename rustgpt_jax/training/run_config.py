@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.sharding.mesh import MeshConfig
 from rustgpt_jax.training.optim import OptimizerConfig
 
 PHASE_KINDS = ('lm', 'instruct')
@@ -92,6 +93,8 @@ class RunConfig:
       time_budget_s: stop (with a final evaluation and checkpoint) after this many
         seconds of training; None = run every step.
       progress: show a tqdm progress bar.
+      mesh: shard the run over a device mesh (data / FSDP / tensor parallel); None
+        trains on the default device.
     """
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -103,6 +106,7 @@ class RunConfig:
     log_every: int = 10
     time_budget_s: Optional[float] = None
     progress: bool = True
+    mesh: Optional[MeshConfig] = None
 
     def __post_init__(self):
         if not self.phases:

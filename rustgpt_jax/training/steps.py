@@ -43,7 +43,7 @@ def _forward(apply_fn, params, adaptive, batch, rng, deterministic):
 
 def make_train_step(config: ModelConfig, accum_steps: int = 1,
                     schedule: Optional[optax.Schedule] = None,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, shardings: Optional[tuple] = None) -> Callable:
     """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
 
     The batch holds `accum_steps * B` rows; they are split into `accum_steps`
@@ -58,6 +58,8 @@ def make_train_step(config: ModelConfig, accum_steps: int = 1,
       accum_steps: micro-batches per optimizer step.
       schedule: learning-rate schedule, only to report it in the metrics.
       donate: donate the input state's buffers (the caller must not reuse `state`).
+      shardings: optional (state shardings as a TrainState prefix, batch sharding) from
+        `sharding.ShardingPlan`; the updated state keeps the input state's shardings.
 
     Returns:
       train_step(state, batch) with batch arrays (accum_steps * B, T); metrics hold
@@ -118,7 +120,13 @@ def make_train_step(config: ModelConfig, accum_steps: int = 1,
                                   adaptive=adaptive)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=donate_argnums)
+    state_sharding, batch_sharding = shardings
+    return jax.jit(train_step, donate_argnums=donate_argnums,
+                   in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None))
 
 
 def make_eval_step(config: ModelConfig) -> Callable:

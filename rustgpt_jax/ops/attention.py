@@ -11,7 +11,6 @@ from jax.sharding import PartitionSpec as P
 
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl
-from rustgpt_jax.nn import axes
 from rustgpt_jax.ops import reference
 
 
@@ -68,6 +67,7 @@ def _per_shard(kernel, window, has_segments: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel
+    from rustgpt_jax.nn import axes  # lazy: rustgpt_jax.nn imports this module
     q_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
     kv_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
     if q_spec is None or all(a is None for a in tuple(q_spec) + tuple(kv_spec)):

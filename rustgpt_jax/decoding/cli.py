@@ -36,6 +36,19 @@ def load_checkpoint(directory: str, which: str = 'best'):
     return load_for_inference(directory, which=which)
 
 
+def load_gguf_model(path: str, context: Optional[int] = None):
+    """(config, params, tokenizer) of a llama GGUF file; `context` sizes the KV cache."""
+    from rustgpt_jax.interop.gguf import load_gguf
+    return load_gguf(path, max_seq_len=context)
+
+
+def _load(args):
+    """The model the flags name: --gguf FILE or --checkpoint DIR."""
+    if args.gguf:
+        return load_gguf_model(args.gguf, args.context)
+    return load_checkpoint(args.checkpoint, args.which)
+
+
 class Session:
     """A loaded model ready to generate: the model, params, tokenizer and context limit.
 
@@ -43,7 +56,9 @@ class Session:
     on CPU, identical numbers.
     """
 
-    def __init__(self, config, params, tokenizer, err: TextIO = sys.stderr):
+    def __init__(self, config, params, tokenizer, err: TextIO = sys.stderr,
+                 add_bos: bool = False):
+        self.add_bos = add_bos and tokenizer.bos_id is not None
         self.config, self.params = unstack_layers(config, params)
         self.model = build_model(self.config)
         self.tokenizer = tokenizer
@@ -54,6 +69,8 @@ class Session:
         """Prompt ids and the max_new_tokens that fit (see the module docstring)."""
         tok = self.tokenizer
         ids = [int(i) for i in tok.encode(text)]
+        if self.add_bos and text:
+            ids = [int(tok.bos_id)] + ids  # llama models were trained with BOS first
         unknown = sum(i == tok.unk_id for i in ids) if tok.unk_id is not None else 0
         if unknown:
             self._note(f'{unknown} character(s) of the prompt are not in the vocabulary and '
@@ -107,8 +124,12 @@ class Session:
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--checkpoint', required=True, help='run or checkpoints/ directory')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--checkpoint', help='run or checkpoints/ directory')
+    source.add_argument('--gguf', help='a llama-architecture GGUF file (e.g. TinyLlama)')
     parser.add_argument('--which', choices=('best', 'latest'), default='best')
+    parser.add_argument('--context', type=int, default=None,
+                        help='--gguf: context length / KV-cache size (default: the file\'s)')
     parser.add_argument('--max_new_tokens', type=int, default=200)
     parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
     parser.add_argument('--top_k', type=int, default=0, help='0 = off')
@@ -137,7 +158,7 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     parser.add_argument('--alpha', type=float, default=1.0, help='length normalisation')
     args = parser.parse_args(argv)
     try:
-        session = Session(*load_checkpoint(args.checkpoint, args.which), err=err)
+        session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
         if args.beam:
             config = BeamConfig(width=args.beam_width, min_width=args.min_width,
                                 max_width=args.max_width, alpha=args.alpha,
@@ -168,7 +189,7 @@ def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
                              'plain: continue the text as typed')
     args = parser.parse_args(argv)
     try:
-        session = Session(*load_checkpoint(args.checkpoint, args.which), err=err)
+        session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
         sampling = _sampling(args)
     except ValueError as e:
         print(f'error: {e}', file=err)

@@ -9,6 +9,7 @@ is refused with the field named. Weights go out in torch layout (via
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -128,12 +129,22 @@ def _add_vocab(writer, vocab: dict) -> None:
         writer.add_add_space_prefix(bool(vocab['add_space_prefix']))
 
 
-def _encode(array: np.ndarray, qtype_name: str):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; rows not divisible by the block stay F32."""
+def _encode(name: str, array: np.ndarray, qtype_name: str):
+    """(data, raw_dtype) for GGUFWriter.add_tensor.
+
+    Norm vectors stay F32 (llama.cpp reads them as F32, as convert_hf_to_gguf writes them).
+    A row length that is not a multiple of the quant block (32 for Q8_0/Q4_0) cannot be
+    quantised in ggml's row-major block layout, so that tensor stays F32 with a warning
+    (llama-quantize also falls back to another type there); llama.cpp runs mixed-type files.
+    """
     import gguf
     qtype = gguf.GGMLQuantizationType[qtype_name]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if array.ndim == 1 or qtype_name == 'F32' or array.shape[-1] % block:
+    if array.ndim == 1 or qtype_name == 'F32':
+        return np.ascontiguousarray(array, np.float32), None
+    if array.shape[-1] % block:
+        warnings.warn(f'save_gguf: {name} has rows of {array.shape[-1]} values, not a multiple '
+                      f'of the {qtype_name} block of {block}; writing it as F32', stacklevel=3)
         return np.ascontiguousarray(array, np.float32), None
     if qtype_name == 'F16':
         return array.astype(np.float16), None
@@ -197,7 +208,7 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
         if gguf_name.endswith(('attn_q.weight', 'attn_k.weight')):
             heads = config.num_heads if 'attn_q' in gguf_name else config.num_kv_heads
             array = permute_qk(array, heads)
-        data, raw_dtype = _encode(array, qtype_name)
+        data, raw_dtype = _encode(gguf_name, array, qtype_name)
         writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -1,0 +1,301 @@
+"""Command line: `python -m rustgpt_jax.experiments.sweep SPEC.gin|json --storage URL
+--workers 2 --trials N`.
+
+An Optuna study over gin parameters. Every trial trains in a child process
+(`python -m rustgpt_jax.train`); its worker reads the run's metrics.csv while it trains,
+reports each validation loss with `trial.report` and kills the child when the pruner
+says so. The objective is the run's best validation loss (minimised).
+
+Storage is Optuna's RDB storage: a SQLite file by default; a PostgreSQL URL
+(`postgresql+psycopg2://user:pass@host/db`, needs a driver such as psycopg2) lets workers
+on many machines share one study the same way, each machine running this command.
+`--trials N` is the study's total of finished (complete or pruned) trials, so running
+the same command again resumes: the study is loaded, trials of dead workers (no
+heartbeat for `2 x --heartbeat_s`) are marked FAIL and re-enqueued with their parameters,
+and the workers go on until N trials have finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+import gin
+import optuna
+
+from rustgpt_jax.experiments.plots import read_metrics
+
+SAMPLERS = ('grid', 'random', 'tpe')
+PARAM_TYPES = ('float', 'int', 'categorical')
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+@gin.configurable
+def sweep(name: str = gin.REQUIRED, base_files: Sequence[str] = gin.REQUIRED,
+          params: dict = gin.REQUIRED, fixed: Sequence[str] = (), sampler: str = 'tpe',
+          seed: int = 0, pruner: Optional[dict] = None) -> dict:
+    """A sweep spec from gin bindings (the same keys as the JSON form; see `check_spec`)."""
+    return dict(name=name, base_files=list(base_files), params=dict(params), fixed=list(fixed),
+                sampler=sampler, seed=seed, pruner=pruner)
+
+
+def check_spec(spec: dict) -> dict:
+    """Validates a spec and fills defaults.
+
+    Keys: name, base_files (gin files of the trained run), params ({gin binding target:
+    {'type': 'float'|'int', 'low', 'high', 'log'?} or {'type': 'categorical', 'choices'}}),
+    fixed (bindings of every trial), sampler ('grid' needs every parameter categorical),
+    seed, pruner (None: median pruner defaults; {'n_startup_trials', 'n_warmup_steps'};
+    or the string 'none').
+
+    Raises:
+      ValueError: a missing key, an unknown sampler or parameter type, or a bad range.
+    """
+    for key in ('name', 'base_files', 'params'):
+        if not spec.get(key):
+            raise ValueError(f'sweep spec needs a non-empty {key!r}')
+    out = {'fixed': [], 'sampler': 'tpe', 'seed': 0, 'pruner': None, **spec}
+    if out['sampler'] not in SAMPLERS:
+        raise ValueError(f'sweep sampler must be one of {SAMPLERS}, got {out["sampler"]!r}')
+    for target, p in out['params'].items():
+        kind = p.get('type')
+        if kind not in PARAM_TYPES:
+            raise ValueError(f'parameter {target!r}: type must be one of {PARAM_TYPES}, '
+                             f'got {kind!r}')
+        if kind == 'categorical':
+            if not p.get('choices'):
+                raise ValueError(f'parameter {target!r}: categorical needs non-empty choices')
+        elif not ('low' in p and 'high' in p and p['low'] < p['high']):
+            raise ValueError(f'parameter {target!r}: {kind} needs low < high, got {p}')
+        if out['sampler'] == 'grid' and kind != 'categorical':
+            raise ValueError(f'grid sampler: parameter {target!r} must be categorical '
+                             '(list its grid points as choices)')
+    return out
+
+
+def load_spec(path: str) -> dict:
+    """Reads a `.json` spec or a `.gin` file of `sweep.*` bindings; see `check_spec`."""
+    if not os.path.exists(path):
+        raise ValueError(f'sweep spec not found: {path}')
+    if path.endswith('.json'):
+        with open(path, encoding='utf-8') as f:
+            return check_spec(json.load(f))
+    gin.clear_config()
+    gin.parse_config_file(path)
+    return check_spec(sweep())
+
+
+def make_sampler(spec: dict) -> optuna.samplers.BaseSampler:
+    if spec['sampler'] == 'grid':
+        space = {k: list(p['choices']) for k, p in spec['params'].items()}
+        return optuna.samplers.GridSampler(space, seed=spec['seed'])
+    if spec['sampler'] == 'random':
+        return optuna.samplers.RandomSampler(seed=spec['seed'])
+    return optuna.samplers.TPESampler(seed=spec['seed'], n_startup_trials=4)
+
+
+def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
+    if spec['pruner'] == 'none':
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(**(spec['pruner'] or {}))
+
+
+def make_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats; a dead worker's RUNNING trial is failed and retried."""
+    kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+        grace_period=2 * heartbeat_s,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+
+
+def suggest(trial: optuna.Trial, spec: dict) -> dict:
+    values = {}
+    for target, p in spec['params'].items():
+        if p['type'] == 'categorical':
+            values[target] = trial.suggest_categorical(target, list(p['choices']))
+        elif p['type'] == 'int':
+            values[target] = trial.suggest_int(target, p['low'], p['high'], log=p.get('log', False))
+        else:
+            values[target] = trial.suggest_float(target, p['low'], p['high'],
+                                                 log=p.get('log', False))
+    return values
+
+
+# Runs `rustgpt_jax.train` in the child after asking Linux to SIGKILL it when its worker
+# dies (PR_SET_PDEATHSIG), so a killed worker leaves no orphan training on. Done in the
+# child's own code rather than a `preexec_fn`: the worker is multithreaded (Optuna's
+# heartbeat thread), and running Python between fork and exec there can deadlock. A
+# worker that died before the prctl took effect is caught by the parent-pid check.
+_CHILD_BOOTSTRAP = """
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit('sweep trainer: its worker is gone')
+sys.argv = ['rustgpt_jax.train'] + sys.argv[2:]
+runpy.run_module('rustgpt_jax.train', run_name='__main__', alter_sys=True)
+"""
+
+
+def _val_losses(run_dir: str) -> list:
+    try:
+        return read_metrics(run_dir).get(('val', 'loss'), [])
+    except (FileNotFoundError, ValueError, KeyError):
+        return []  # not written yet, or a row half-written: read again at the next poll
+
+
+class Objective:
+    """Trains one trial in a child process and reports its validation losses."""
+
+    def __init__(self, spec: dict, runs_dir: str, poll_s: float = 0.5):
+        self.spec, self.runs_dir, self.poll_s = spec, runs_dir, poll_s
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = suggest(trial, self.spec)
+        run_dir = os.path.abspath(os.path.join(self.runs_dir, self.spec['name'],
+                                               f'trial_{trial.number}'))
+        bindings = list(self.spec['fixed']) + [f'{k} = {v!r}' for k, v in values.items()] + [
+            f"run_config.run_dir = '{run_dir}'", 'run_config.progress = False']
+        trial.set_user_attr('run_dir', run_dir)
+        trial.set_user_attr('worker_pid', os.getpid())
+        cmd = [sys.executable, '-c', _CHILD_BOOTSTRAP, str(os.getpid())]
+        for f in self.spec['base_files']:
+            cmd += ['--gin_file', f]
+        for b in bindings:
+            cmd += ['--gin_param', b]
+        os.makedirs(run_dir, exist_ok=True)
+        log_path = os.path.join(run_dir, 'train.log')
+        with open(log_path, 'w', encoding='utf-8') as log:
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            reported = 0
+            try:
+                while True:
+                    done = child.poll() is not None
+                    losses = _val_losses(run_dir)
+                    for step, loss in losses[reported:]:
+                        trial.report(loss, step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f'pruned at step {step} (loss {loss:.4f})')
+                    reported = len(losses)
+                    if done:
+                        break
+                    time.sleep(self.poll_s)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        if child.returncode != 0:
+            with open(log_path, encoding='utf-8') as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f'trial {trial.number} training exited with {child.returncode}:'
+                               f'\n{tail}')
+        losses = [v for _, v in _val_losses(run_dir)]
+        if not losses:
+            raise RuntimeError(f'trial {trial.number} finished without a validation loss')
+        trial.set_user_attr('final_val_loss', losses[-1])
+        return min(losses)
+
+
+def open_study(spec: dict, storage_url: str, heartbeat_s: int) -> optuna.Study:
+    return optuna.create_study(study_name=spec['name'], storage=make_storage(storage_url,
+                                                                             heartbeat_s),
+                               sampler=make_sampler(spec), pruner=make_pruner(spec),
+                               direction='minimize', load_if_exists=True)
+
+
+def work(spec: dict, storage_url: str, n_trials: int, runs_dir: str, heartbeat_s: int,
+         log=print) -> None:
+    """One worker: runs trials until the study holds `n_trials` finished ones.
+
+    While the remaining trials run in other workers it waits rather than leaving: should
+    one of those workers die, its trial goes stale and this worker retries it.
+
+    Raises:
+      RuntimeError: more failed trials than `n_trials` (a broken configuration).
+    """
+    study = open_study(spec, storage_url, heartbeat_s)
+    objective = Objective(spec, runs_dir)
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        finished = sum(s in FINISHED for s in states)
+        running = states.count(optuna.trial.TrialState.RUNNING)
+        waiting = states.count(optuna.trial.TrialState.WAITING)
+        failed = states.count(optuna.trial.TrialState.FAIL)
+        if finished >= n_trials:
+            return
+        if failed > n_trials:
+            raise RuntimeError(f'study {spec["name"]!r}: {failed} failed trials; see the '
+                               f'train.log files under {runs_dir}')
+        if finished + running >= n_trials and not waiting:
+            time.sleep(heartbeat_s)
+            continue
+        study.optimize(objective, n_trials=1, catch=(RuntimeError,),
+                       callbacks=[lambda _, t: log(f'[worker {os.getpid()}] trial {t.number}: '
+                                                   f'{t.state.name} {t.value}')])
+
+
+def run_sweep(spec_path: str, storage_url: str, n_trials: int, workers: int = 1,
+              runs_dir: str = 'runs/sweeps', heartbeat_s: int = 5) -> optuna.Study:
+    """Creates (or loads) the study and runs `workers` local worker processes on it.
+
+    Returns:
+      the study after the workers have exited.
+    """
+    spec = load_spec(spec_path)
+    study = open_study(spec, storage_url, heartbeat_s)  # created once, before any worker
+    if workers == 1:
+        work(spec, storage_url, n_trials, runs_dir, heartbeat_s)
+        return study
+    base = [sys.executable, '-m', 'rustgpt_jax.experiments.sweep', spec_path, '--storage',
+            storage_url, '--trials', str(n_trials), '--runs_dir', runs_dir,
+            '--heartbeat_s', str(heartbeat_s), '--worker']
+    procs = [subprocess.Popen(base) for _ in range(workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f'sweep workers exited with {codes}')
+    return study
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='rustgpt-sweep', description=__doc__.splitlines()[0])
+    parser.add_argument('spec', help='sweep spec: .json, or .gin with sweep.* bindings')
+    parser.add_argument('--storage', default='sqlite:///runs/sweeps/optuna.db',
+                        help='Optuna RDB URL (sqlite:///file.db or postgresql://...)')
+    parser.add_argument('--trials', type=int, required=True,
+                        help='finished (complete + pruned) trials the study should reach')
+    parser.add_argument('--workers', type=int, default=1, help='local worker processes')
+    parser.add_argument('--runs_dir', default='runs/sweeps', help='root of trial run dirs')
+    parser.add_argument('--heartbeat_s', type=int, default=5,
+                        help='heartbeat interval; a trial silent for twice this is stale')
+    parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trials < 1 or args.workers < 1:
+        raise ValueError('--trials and --workers must be >= 1')
+    if args.storage.startswith('sqlite:///'):
+        folder = os.path.dirname(args.storage[len('sqlite:///'):])
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+    if args.worker:
+        work(load_spec(args.spec), args.storage, args.trials, args.runs_dir, args.heartbeat_s)
+        return 0
+    study = run_sweep(args.spec, args.storage, args.trials, args.workers, args.runs_dir,
+                      args.heartbeat_s)
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    if done:
+        best = study.best_trial
+        print(f'best trial {best.number}: value {best.value:.4f} params {best.params}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

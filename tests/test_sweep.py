@@ -1,0 +1,127 @@
+"""Optuna sweeps: spec checks, and a 4-trial SQLite study with two worker processes that
+is killed mid-run and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from test_experiments import write_toy_experiment
+
+from rustgpt_jax.experiments import sweep
+from rustgpt_jax.experiments.plots import read_metrics
+
+State = optuna.trial.TrialState
+
+
+def write_spec(tmp_path, **overrides) -> str:
+    write_toy_experiment(tmp_path, steps=9)
+    spec = dict(name='toy_sweep', base_files=[str(tmp_path / 'model.gin'),
+                                              str(tmp_path / 'run.gin')],
+                fixed=['run_config.checkpoint_every = 3'],
+                params={'pretrain/OptimizerConfig.learning_rate':
+                        {'type': 'float', 'low': 1e-3, 'high': 1e-2, 'log': True},
+                        'ModelConfig.num_kv_heads': {'type': 'categorical',
+                                                     'choices': [1, 2, 4]}},
+                sampler='random', seed=0, pruner='none')
+    spec.update(overrides)
+    path = tmp_path / 'spec.json'
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_spec_validation_and_gin_form(tmp_path):
+    base = json.loads(open(write_spec(tmp_path)).read())
+    with pytest.raises(ValueError, match='sampler must be one of'):
+        sweep.check_spec(dict(base, sampler='cma'))
+    with pytest.raises(ValueError, match='must be categorical'):
+        sweep.check_spec(dict(base, sampler='grid'))
+    with pytest.raises(ValueError, match='low < high'):
+        sweep.check_spec(dict(base, params={'x.y': {'type': 'float', 'low': 1, 'high': 1}}))
+    with pytest.raises(ValueError, match="non-empty 'params'"):
+        sweep.check_spec(dict(base, params={}))
+    gin_file = tmp_path / 'spec.gin'
+    gin_file.write_text(
+        "sweep.name = 'toy_sweep'\n"
+        f"sweep.base_files = {base['base_files']!r}\n"
+        "sweep.fixed = ['run_config.checkpoint_every = 3']\n"
+        f"sweep.params = {base['params']!r}\n"
+        "sweep.sampler = 'random'\nsweep.pruner = 'none'\n")
+    assert sweep.load_spec(str(gin_file)) == sweep.load_spec(str(tmp_path / 'spec.json'))
+    grid = sweep.check_spec(dict(base, sampler='grid', params={
+        'ModelConfig.num_kv_heads': {'type': 'categorical', 'choices': [1, 2]}}))
+    assert isinstance(sweep.make_sampler(grid), optuna.samplers.GridSampler)
+
+
+def _trials(storage_url):
+    try:
+        study = optuna.load_study(study_name='toy_sweep', storage=storage_url)
+    except KeyError:
+        return []  # not created yet
+    return study.get_trials(deepcopy=False)
+
+
+def test_two_workers_killed_and_resumed(tmp_path):
+    spec = write_spec(tmp_path)
+    db = tmp_path / 'study.db'
+    url = f'sqlite:///{db}'
+    cmd = [sys.executable, '-m', 'rustgpt_jax.experiments.sweep', spec, '--storage', url,
+           '--workers', '2', '--trials', '4', '--runs_dir', str(tmp_path / 'runs'),
+           '--heartbeat_s', '1']
+    launcher = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    # Crash the whole sweep (launcher, both workers, their trainers) once one trial has
+    # finished and another is mid-training.
+    deadline = time.time() + 150
+    while time.time() < deadline:
+        states = [t.state for t in _trials(url)]
+        if State.COMPLETE in states and State.RUNNING in states:
+            break
+        assert launcher.poll() is None, 'the sweep ended before it could be killed'
+        time.sleep(0.5)
+    else:
+        pytest.fail('no trial completed in time')
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    before = _trials(url)
+    killed = [t for t in before if t.state == State.RUNNING]
+    assert killed and sum(t.state == State.COMPLETE for t in before) < 4
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = _trials(url)
+    complete = [t for t in after if t.state == State.COMPLETE]
+    assert len(complete) == 4
+    assert not [t for t in after if t.state == State.RUNNING]
+    for dead in killed:  # failed as stale, then retried with the same parameters
+        assert after[dead.number].state == State.FAIL
+        retries = [t for t in complete if t.system_attrs.get('failed_trial') == dead.number]
+        assert len(retries) == 1 and retries[0].params == dead.params
+    assert len({t.user_attrs['worker_pid'] for t in complete}) >= 2
+    for t in complete:  # reported intermediate values are the run's validation losses
+        val = read_metrics(t.user_attrs['run_dir'])[('val', 'loss')]
+        reported = sorted(t.intermediate_values.items())
+        assert [s for s, _ in reported] == [s for s, _ in val]
+        assert [v for _, v in reported] == pytest.approx([v for _, v in val])
+        assert t.value == pytest.approx(min(v for _, v in val))
+        assert [s for s, _ in val] == [3, 6, 9]
+
+
+def test_pruned_trial_stops_its_training(tmp_path):
+    # A long run (2000 steps) that a threshold pruner stops at its first evaluation: the
+    # worker must report that loss, mark the trial PRUNED and kill the trainer early.
+    spec = sweep.load_spec(write_spec(tmp_path, fixed=[
+        'run_config.checkpoint_every = 3', 'pretrain/PhaseConfig.steps = 2000']))
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0))
+    study.optimize(sweep.Objective(spec, str(tmp_path / 'runs'), poll_s=0.1), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == State.PRUNED
+    val = read_metrics(trial.user_attrs['run_dir'])[('val', 'loss')]
+    assert list(trial.intermediate_values.items()) == [(3, pytest.approx(val[0][1]))]
+    assert val[-1][0] < 2000  # the trainer was killed, not run to the end

@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) -m rustgpt_jax.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 -q tests
 
 lint: $(STAMP)

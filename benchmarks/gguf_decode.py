@@ -68,6 +68,7 @@ def weight_bytes_per_token(path: str) -> int:
 def ours(path: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
+
     from rustgpt_jax.interop.gguf import load_gguf
     from rustgpt_jax.nn.transformer import Transformer
 

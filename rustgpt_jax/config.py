@@ -235,7 +235,8 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, f'must be an integer >= 1, got {value!r}')
         if self.hypermixer_hidden_dim is not None and self.hypermixer_hidden_dim < 1:
-            _fail('hypermixer_hidden_dim', f'must be >= 1 or None, got {self.hypermixer_hidden_dim}')
+            _fail('hypermixer_hidden_dim',
+                  f'must be >= 1 or None, got {self.hypermixer_hidden_dim}')
         if self.init_std <= 0:
             _fail('init_std', f'must be > 0, got {self.init_std}')
 

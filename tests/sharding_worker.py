@@ -139,9 +139,10 @@ def trainer(directory):
     import sys as _sys
     _sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import dataclasses
+
+    from rustgpt_jax.training.loop import train
     from tests.test_training_helpers import tiny_run as _tiny_run
     from tests.test_training_helpers import write_corpus
-    from rustgpt_jax.training.loop import train
 
     def tiny_run(*args, **kwargs):  # batch 8 so every mesh's data axis divides it
         run = _tiny_run(*args, **kwargs)

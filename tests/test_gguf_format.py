@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip('gguf')
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T  # noqa: E402
+from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
+from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 
 from rustgpt_jax.config import ModelConfig  # noqa: E402
-from rustgpt_jax.interop.gguf import (GGUFError, dequantize, load_gguf, permute_qk,  # noqa: E402
-                                      save_gguf, unpermute_qk)
+from rustgpt_jax.interop.gguf import (  # noqa: E402
+    GGUFError,
+    dequantize,
+    load_gguf,
+    permute_qk,
+    save_gguf,
+    unpermute_qk,
+)
 
 TINY = ModelConfig(vocab_size=96, embed_dim=64, hidden_dim=96, num_layers=2, num_heads=4,
                    num_kv_heads=2, max_seq_len=32)
@@ -37,7 +44,8 @@ def random_params(config, seed=0, scale=0.5):
         'embedder': {'token_embedding': w(v, d)},
         'final_norm': {'scale': (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)},
         'layers': {
-            'attention': {'q_proj': {'kernel': w(lc, d, n, h)}, 'k_proj': {'kernel': w(lc, d, k, h)},
+            'attention': {'q_proj': {'kernel': w(lc, d, n, h)},
+                          'k_proj': {'kernel': w(lc, d, k, h)},
                           'v_proj': {'kernel': w(lc, d, k, h)},
                           'o_proj': {'kernel': w(lc, n, h, d)}},
             'ffn': {'w1': {'kernel': w(lc, d, f)}, 'w3': {'kernel': w(lc, d, f)},
@@ -200,7 +208,8 @@ def test_hostile_tensor_infos(tmp_path):
     _expect(tmp_path, _file([ARCH_KV], [('w', [4] * 9, 0, 0)]), 'n_dims', info_at)
     _expect(tmp_path, _file([ARCH_KV], [('w', [2 ** 50, 2], 0, 0)]), 'dimensions', info_at)
     _expect(tmp_path, _file([ARCH_KV], [('w', [2 ** 30, 2 ** 30], 0, 0)]), 'absurd', info_at)
-    _expect(tmp_path, _file([ARCH_KV], [('w', [32], 999, 0)], b'\0' * 128), 'unknown tensor type 999')
+    _expect(tmp_path, _file([ARCH_KV], [('w', [32], 999, 0)], b'\0' * 128),
+            'unknown tensor type 999')
     _expect(tmp_path, _file([ARCH_KV], [('w', [30], 8, 0)], b'\0' * 128), 'block size 32')
     _expect(tmp_path, _file([ARCH_KV], [('w', [32], 0, 7)], b'\0' * 256), 'alignment')
     _expect(tmp_path, _file([ARCH_KV], [('w', [32], 0, 2 ** 60)], b'\0' * 128),
@@ -247,7 +256,8 @@ def test_fuzz_mutated_and_truncated_files(tmp_path):
                 mutant[pos] = int(rng.integers(0, 256))
         elif kind == 2:  # a huge or random 8-byte length / count / offset
             pos = int(rng.integers(0, header_len - 8))
-            value = int(rng.choice([2 ** 63 - 1, 2 ** 32, 2 ** 40 + 3, int(rng.integers(0, 2 ** 16))]))
+            value = int(rng.choice([2 ** 63 - 1, 2 ** 32, 2 ** 40 + 3,
+                                    int(rng.integers(0, 2 ** 16))]))
             mutant[pos:pos + 8] = struct.pack('<Q', value)
         else:
             pos = int(rng.integers(0, header_len - 4))

@@ -8,9 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from rustgpt_jax.arch.hypermixer import (CausalHyperMixing, HyperMixerLM,
-                                         parameter_counts_hypermixer, segmented_prefix_sum,
-                                         sinusoidal_features)
+from rustgpt_jax.arch.hypermixer import (
+    CausalHyperMixing,
+    HyperMixerLM,
+    parameter_counts_hypermixer,
+    segmented_prefix_sum,
+    sinusoidal_features,
+)
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.models import build_model
 

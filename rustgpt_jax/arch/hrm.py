@@ -39,9 +39,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.arch._stack import (LayerStack, embedding_param_counts,
-                                     feed_forward_param_count, make_embedder,
-                                     norm_param_count, prepare_inputs)
+from rustgpt_jax.arch._stack import (
+    LayerStack,
+    embedding_param_counts,
+    feed_forward_param_count,
+    make_embedder,
+    norm_param_count,
+    prepare_inputs,
+)
 from rustgpt_jax.config import ModelConfig, NormPlacement
 from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.block import Block, make_norm

@@ -62,8 +62,10 @@ class Attention(nn.Module):
         """
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
         q = dense(self, 'q_proj', x, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
-        k = dense(self, 'k_proj', x, (kh, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
-        v = dense(self, 'v_proj', x, (kh, h), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+        k = dense(self, 'k_proj', x, (kh, h),
+                  (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+        v = dense(self, 'v_proj', x, (kh, h),
+                  (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
         if self.use_rope:
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)

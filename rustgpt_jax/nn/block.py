@@ -5,8 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.config import (FeedForwardType, ModelConfig, NormPlacement, NormType,
-                                PositionType)
+from rustgpt_jax.config import FeedForwardType, ModelConfig, NormPlacement, NormType, PositionType
 from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.attention import Attention
 from rustgpt_jax.nn.feed_forward import ReluFeedForward, SwiGLU

@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Args: x (..., D). Returns (..., D) in `dtype`."""
-        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+        scale = self.param('scale',
+                           nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         inv = jnp.reciprocal(jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps))
@@ -36,7 +37,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         """Args: x (..., D). Returns (..., D) in `dtype`."""
         d = x.shape[-1]
-        scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+        scale = self.param('scale',
+                           nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
                            (d,), self.param_dtype)
         bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)),
                           (d,), self.param_dtype)

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
 
 import numpy as np
 
-from rustgpt_jax.config import (Architecture, AttentionVariant, FeedForwardType, ModelConfig,
-                                NormPlacement, NormType, PositionType, WindowStrategy)
+from rustgpt_jax.config import (
+    Architecture,
+    AttentionVariant,
+    FeedForwardType,
+    ModelConfig,
+    NormPlacement,
+    NormType,
+    PositionType,
+    WindowStrategy,
+)
 from rustgpt_jax.interop.gguf.loader import ARCH, GGUF_TO_HF, LAYER_TO_HF, permute_qk
-from rustgpt_jax.interop.gguf.tokenizer import (CONTROL, NORMAL, SPACE, UNKNOWN, UNUSED,
-                                                GGUFTokenizer)
+from rustgpt_jax.interop.gguf.tokenizer import (
+    CONTROL,
+    NORMAL,
+    SPACE,
+    UNKNOWN,
+    UNUSED,
+    GGUFTokenizer,
+)
 
 # name -> (GGMLQuantizationType name, LlamaFileType value)
 FILE_TYPES = {'f32': ('F32', 0), 'f16': ('F16', 1), 'bf16': ('BF16', 32), 'q8_0': ('Q8_0', 7),
@@ -170,6 +183,7 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
       ValueError: for a configuration or tokenizer llama.cpp cannot represent.
     """
     import gguf
+
     from rustgpt_jax.interop.hf import params_to_hf
 
     check_llama_compatible(config)

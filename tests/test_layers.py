@@ -69,6 +69,18 @@ def test_swiglu():
     _check_layer_grads(module, params, x)
 
 
+def test_silu_values_and_derivative_match_numpy():
+    """The custom-JVP silu: values, first and second derivatives vs closed forms in float64."""
+    from rustgpt_jax.nn.feed_forward import silu
+    x = np.concatenate([np.linspace(-30, 30, 601), [-100.0, 100.0]])
+    s = 1 / (1 + np.exp(-x))
+    np.testing.assert_allclose(silu(jnp.asarray(x, jnp.float32)), x * s, rtol=1e-6, atol=1e-6)
+    grad = jax.vmap(jax.grad(silu))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(grad, s * (1 + x * (1 - s)), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    check_grads(silu, (jnp.linspace(-4.0, 4.0, 9),), order=2, modes=['fwd', 'rev'], atol=1e-2)
+
+
 def test_relu_feed_forward():
     x = _rand(6, 2, 3, 8)
     module = ReluFeedForward(hidden_dim=12, use_bias=True)

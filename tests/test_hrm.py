@@ -185,7 +185,7 @@ def test_decode_with_cache_matches_full_forward():
     # One KV cache per application: N*T of L's blocks and N of H's.
     low_keys = cache['cycles']['low_steps']['low']['layers']['attention']['key']
     assert low_keys.shape[:3] == (2, 3, 2)
-    assert low_keys.shape[4] == config.cache_length
+    assert low_keys.shape[-2] == config.cache_length  # (..., B, K, C, H)
     logits, mutated = apply({'params': params, 'cache': cache}, tokens[:, :5],
                             positions[:, :5], decode=True, mutable=('cache',))
     outs = [logits]

@@ -179,8 +179,9 @@ def test_decode_matches_full_forward(kv_heads, window):
 
     logits, state = prefill(prompt)
     np.testing.assert_allclose(logits, full[:, :4], atol=1e-5, rtol=1e-5)
-    # The cache is a ring of W slots, (L, B, W, K, H) when scanned: memory stays flat.
-    assert state['cache']['layers']['attention']['key'].shape[:3] == (2, 2, window)
+    # The cache is a ring of W slots, (L, B, K, W, H) when scanned: memory stays flat.
+    key_cache = state['cache']['layers']['attention']['key']
+    assert key_cache.shape[:2] == (2, 2) and key_cache.shape[3] == window
 
     @jax.jit
     def step(cache, token, position):

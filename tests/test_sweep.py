@@ -125,3 +125,21 @@ def test_pruned_trial_stops_its_training(tmp_path):
     val = read_metrics(trial.user_attrs['run_dir'])[('val', 'loss')]
     assert list(trial.intermediate_values.items()) == [(3, pytest.approx(val[0][1]))]
     assert val[-1][0] < 2000  # the trainer was killed, not run to the end
+
+
+def test_surplus_trial_of_a_race_is_failed_before_training():
+    """Two workers passing the budget check at once: the later-numbered trial is refused."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    for value in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
+    objective = sweep.Objective({}, 'unused', budget=3)
+    first, second = study.ask(), study.ask()  # both RUNNING: 2 finished + 2 running > 3
+    objective._check_budget(first)  # 2 ahead of it: within the budget
+    with pytest.raises(RuntimeError, match='beyond --trials 3'):
+        objective._check_budget(second)
+    study.enqueue_trial({})  # a retried trial waiting for a worker also holds a slot
+    third = study.ask()
+    assert third.number > second.number
+    with pytest.raises(RuntimeError, match='beyond --trials 3'):
+        objective._check_budget(third)
+    sweep.Objective({}, 'unused')._check_budget(third)  # no budget: never refused

@@ -155,10 +155,29 @@ def _val_losses(run_dir: str) -> list:
 class Objective:
     """Trains one trial in a child process and reports its validation losses."""
 
-    def __init__(self, spec: dict, runs_dir: str, poll_s: float = 0.5):
-        self.spec, self.runs_dir, self.poll_s = spec, runs_dir, poll_s
+    def __init__(self, spec: dict, runs_dir: str, poll_s: float = 0.5,
+                 budget: Optional[int] = None):
+        self.spec, self.runs_dir, self.poll_s, self.budget = spec, runs_dir, poll_s, budget
+
+    def _check_budget(self, trial: optuna.Trial) -> None:
+        """Fails a trial that two workers started for the study's last slot.
+
+        Each worker checks the study's count before it starts a trial, but two can pass
+        that check at once; the trial that a later number gives away is then surplus. It
+        is counted against every earlier trial that is finished, running or enqueued, and
+        failed before any training when `budget` of those are ahead of it.
+        """
+        if self.budget is None:
+            return
+        live = FINISHED + (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=live)
+                 if t.number < trial.number]
+        if len(ahead) >= self.budget:
+            raise RuntimeError(f'trial {trial.number} is beyond --trials {self.budget} '
+                               f'(another worker took the last slot); not run')
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self._check_budget(trial)
         values = suggest(trial, self.spec)
         run_dir = os.path.abspath(os.path.join(self.runs_dir, self.spec['name'],
                                                f'trial_{trial.number}'))
@@ -222,7 +241,7 @@ def work(spec: dict, storage_url: str, n_trials: int, runs_dir: str, heartbeat_s
       RuntimeError: more failed trials than `n_trials` (a broken configuration).
     """
     study = open_study(spec, storage_url, heartbeat_s)
-    objective = Objective(spec, runs_dir)
+    objective = Objective(spec, runs_dir, budget=n_trials)
     while True:
         optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False)]

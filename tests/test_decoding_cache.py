@@ -104,11 +104,19 @@ def test_reorder_cache_gathers_batch_axis():
         model = build_model(tiny_config(num_kv_heads=2, scan_layers=scan))
         cache = init_cache(model, 3)
         axes = cache_batch_axes(model)
+        names = [str(path[-1].key) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(cache)[0]]
         marked = jax.tree_util.tree_map(
-            lambda x, a: x + jnp.expand_dims(jnp.arange(3), [d for d in range(x.ndim) if d != a])
-            .astype(x.dtype), cache, axes)
+            lambda x, a: x + 7 if a < 0 else x + jnp.expand_dims(
+                jnp.arange(3), [d for d in range(x.ndim) if d != a]).astype(x.dtype),
+            cache, axes)
         moved = reorder_cache(marked, jnp.array([2, 2, 0]), axes)
-        for leaf, a in zip(jax.tree_util.tree_leaves(moved), jax.tree_util.tree_leaves(axes)):
+        for name, leaf, a in zip(names, jax.tree_util.tree_leaves(moved),
+                                 jax.tree_util.tree_leaves(axes)):
+            if name == 'index':  # the shared column counter has no batch axis
+                assert a == -1
+                np.testing.assert_array_equal(leaf, 7)
+                continue
             assert a == (1 if scan else 0)
             rows = np.moveaxis(np.asarray(leaf), a, 0)
             base = -1 if leaf.dtype == jnp.int32 else 0

@@ -1,8 +1,10 @@
 """KV-cache helpers: build an empty cache, reorder it per beam, pad prompts, context limits.
 
 The cache itself lives in the model (the Flax `cache` collection of `nn.attention`): a
-ring of `config.cache_length` slots per layer, slot = position % C, empty slots at
-position -1. Any module with the same interface works here:
+ring of `config.cache_length` slots per layer, empty slots at position -1, and a column
+counter shared by the rows (column i of the left-padded token stream lives in slot
+i % C). Every call therefore advances all rows by its width T; left padding belongs in
+the first (prefill) call only. Any module with the same interface works here:
 
     cache = init_cache(model, batch)
     logits, vars = model.apply({'params': p, 'cache': cache}, tokens, positions=pos,
@@ -65,12 +67,15 @@ def cache_batch_axes(model):
     """Which axis of each cache leaf is the batch axis (1 under nn.scan, else 0).
 
     Found by comparing the cache shapes for batch 1 and batch 2, so it holds for any
-    layer stacking. Returns a pytree of ints with the cache's structure.
+    layer stacking. Returns a pytree of ints with the cache's structure; -1 marks a leaf
+    shared by all rows (the column counter).
     """
     one, two = _cache_shapes(model, 1), _cache_shapes(model, 2)
 
     def axis(a, b):
         diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+        if not diff:
+            return -1
         if len(diff) != 1:
             raise ValueError(f'cannot find the batch axis of a cache leaf {a.shape}')
         return diff[0]
@@ -88,7 +93,8 @@ def reorder_cache(cache, indices, batch_axes):
     Returns:
       The reordered cache (same shapes).
     """
-    return jax.tree_util.tree_map(lambda x, a: jnp.take(x, indices, axis=a), cache, batch_axes)
+    return jax.tree_util.tree_map(
+        lambda x, a: x if a < 0 else jnp.take(x, indices, axis=a), cache, batch_axes)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0,

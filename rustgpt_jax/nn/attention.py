@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from rustgpt_jax.config import AttentionImpl, AttentionVariant, PrecisionPolicy
@@ -13,6 +14,7 @@ from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.dense import dense
 from rustgpt_jax.nn.rope import apply_rope
 from rustgpt_jax.ops.attention import dot_product_attention
+from rustgpt_jax.ops.decode import cached_decode_attention
 
 
 class Attention(nn.Module):
@@ -21,9 +23,10 @@ class Attention(nn.Module):
     GQA groups query heads over KV heads inside the attention op; K/V projections have
     only `num_kv_heads` heads, so no weight or activation is ever copied per query head.
 
-    In `decode` mode the layer keeps a `cache` collection: keys/values (B, K, C, H) and
-    the position held by each slot (B, C), -1 while empty. Slot = position % C, so with
-    a window W the cache is a ring of C = W slots and memory stays flat (SPEC §3).
+    In `decode` mode the layer keeps a `cache` collection: keys/values (B, K, C, H), the
+    position held by each slot (B, C), -1 while empty, and `index`, the count of columns
+    written (shared by the rows; column i lives in slot i % C). With a window W the cache
+    is a ring of C = W slots and memory stays flat (SPEC §3).
     Heads come before slots so that each head's keys are one contiguous (C, H) matrix,
     the operand layout of the decode step's score dot: a (B, C, K, H) cache made XLA:CPU
     transpose-copy every layer's keys and values on every token (batch-8 decode of the
@@ -120,31 +123,34 @@ class Attention(nn.Module):
         cache_k = self.variable('cache', 'key', jnp.zeros, kv_shape, k.dtype)
         cache_v = self.variable('cache', 'value', jnp.zeros, kv_shape, v.dtype)
         cache_pos = self.variable('cache', 'positions', lambda: jnp.full((b, c), -1, jnp.int32))
+        # Columns written so far, shared by all rows (see `_write`).
+        cache_index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
         if not initialised:  # model.init(..., decode=True) only creates the cache.
             return attend(q, k, v, q_positions=positions, kv_positions=positions,
                           window=window)
         if cache_k.value.shape[0] != b:
             raise ValueError(f'cache was built for batch {cache_k.value.shape[0]}, got {b}')
 
-        def write(keys, values, slot_pos):
-            # Keep only the newest `c` tokens of the chunk; others would collide in the ring.
-            newest = jnp.max(positions, axis=1, keepdims=True)  # (B, 1)
-            keep = (positions >= 0) & (positions > newest - c)
-            slot = jnp.where(keep, positions % c, c)  # c is out of range: dropped
-            rows = jnp.arange(b)[:, None]
-            # [rows, :, slot] indexes (B, T) x (K, H): the (B, T, K, H) chunk fits as is.
-            return (keys.at[rows, :, slot].set(k, mode='drop'),
-                    values.at[rows, :, slot].set(v, mode='drop'),
-                    slot_pos.at[rows, slot].set(positions, mode='drop'))
-
         def view(x):  # (B, K, C, H) storage -> the (B, C, K, H) layout of `attend`
             return jnp.swapaxes(x, 1, 2)
 
+        if t == 1 and attend is dot_product_attention and self.impl != AttentionImpl.PALLAS:
+            # Attend over [old cache, new token], then write: the slot being overwritten
+            # holds column i - C, which the mask excludes (see ops.decode).
+            out = cached_decode_attention(
+                q, k, v, cache_k.value, cache_v.value, q_positions=positions,
+                cache_positions=cache_pos.value, window=window)
+            # `tie` (an exact zero) makes the write depend on the attention output, so
+            # XLA must order the reads of the old cache before the in-place update;
+            # without the dependency it keeps both versions alive by copying every
+            # layer's keys and values three times per token (~15% of a batch-1 step).
+            tie = out[0, 0, 0, 0].astype(k.dtype) * 0
+            self._write(cache_k, cache_v, cache_pos, cache_index, k + tie, v + tie, positions)
+            return out
         if t == 1:
-            # One new token: write first, then attend over the C slots. The slot it
-            # overwrites held position p - C, which the window already excludes.
-            cache_k.value, cache_v.value, cache_pos.value = write(
-                cache_k.value, cache_v.value, cache_pos.value)
+            # Other cores (AdaAttn, the Pallas decode kernel) see the C slots: write
+            # first, then attend.
+            self._write(cache_k, cache_v, cache_pos, cache_index, k, v, positions)
             if self.impl == AttentionImpl.PALLAS and attend is dot_product_attention:
                 from rustgpt_jax.kernels import flash_decode  # lazy: Pallas import is heavy
                 attend = flash_decode
@@ -157,6 +163,36 @@ class Attention(nn.Module):
         kv_pos = jnp.concatenate([cache_pos.value, positions], axis=1)  # (B, C + T)
         out = attend(q, keys, values, q_positions=positions, kv_positions=kv_pos,
                      window=window)
-        cache_k.value, cache_v.value, cache_pos.value = write(
-            cache_k.value, cache_v.value, cache_pos.value)
+        self._write(cache_k, cache_v, cache_pos, cache_index, k, v, positions)
         return out
+
+    def _write(self, cache_k, cache_v, cache_pos, cache_index, k, v, positions):
+        """Writes a (B, T) chunk into the ring: column i goes to slot i % C for every row.
+
+        All rows share one column counter, so a decode step writes one slot with a
+        `dynamic_update_slice` that XLA does in place (a per-row scatter made it copy
+        every layer's cache several times per token). A row's positions are its columns
+        minus its left padding, so slot reuse stays exact: column i overwrites column
+        i - C, i.e. position p - C, outside any window W <= C and, when C = max_seq_len,
+        a padding column (p < C). Padding is stored with its negative position and
+        never attended.
+        """
+        c = cache_pos.value.shape[1]
+        t = positions.shape[1]
+        start = cache_index.value
+        keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, K, T, H)
+        if t == 1:
+            slot = start % c
+            cache_k.value = jax.lax.dynamic_update_slice(cache_k.value, keys, (0, 0, slot, 0))
+            cache_v.value = jax.lax.dynamic_update_slice(cache_v.value, values,
+                                                         (0, 0, slot, 0))
+            cache_pos.value = jax.lax.dynamic_update_slice(cache_pos.value, positions,
+                                                           (0, slot))
+        else:
+            # Keep only the newest C columns of the chunk; older ones would collide.
+            keep = min(t, c)
+            slots = (start + t - keep + jnp.arange(keep)) % c  # (keep,) distinct
+            cache_k.value = cache_k.value.at[:, :, slots].set(keys[:, :, t - keep:])
+            cache_v.value = cache_v.value.at[:, :, slots].set(values[:, :, t - keep:])
+            cache_pos.value = cache_pos.value.at[:, slots].set(positions[:, t - keep:])
+        cache_index.value = start + t

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rustgpt_jax.config import ModelConfig
-from rustgpt_jax.decoding import generate, unstack_layers
+from rustgpt_jax.decoding import generate, prepare_for_decode, unstack_layers
 from rustgpt_jax.decoding.cache import _cache_shapes
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
 from rustgpt_jax.models import build_model
@@ -107,7 +107,10 @@ def main():
     hf_model = transformers.LlamaForCausalLM(hf_config_from(base)).eval()
     config = config_from_hf(hf_model.config, max_seq_len=base.max_seq_len)
     params = params_from_hf(hf_model.state_dict(), config)
-    variants = {'jax unrolled': unstack_layers(config, params)}
+    # 'jax packed' is what the CLIs decode with (decoding.prepare_for_decode); 'jax
+    # unrolled' keeps the training layout of the projections (nn.packing).
+    variants = {'jax packed': prepare_for_decode(config, params),
+                'jax unrolled': unstack_layers(config, params)}
     if args.scanned:  # the nn.scan layer stack, for comparison (one more compile)
         variants['jax scanned'] = (config, params)
 

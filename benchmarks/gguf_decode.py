@@ -69,15 +69,16 @@ def ours(path: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from rustgpt_jax.decoding import unstack_layers
+    from rustgpt_jax.decoding import prepare_for_decode
     from rustgpt_jax.interop.gguf import load_gguf
     from rustgpt_jax.nn.transformer import Transformer
 
     t = time.perf_counter()
     config, params, _ = load_gguf(path, max_seq_len=steps + 8)
-    # Unrolled layers, as `rustgpt-generate --gguf` decodes (decoding.cache.unstack_layers):
-    # the scanned stack slices every layer's weights out of the stacked arrays per token.
-    config, params = unstack_layers(config, params)
+    # The decode form `rustgpt-generate --gguf` uses (decoding.prepare_for_decode):
+    # unrolled layers (the scanned stack slices every layer's weights out of the stacked
+    # arrays per token) and packed projections (nn.packing).
+    config, params = prepare_for_decode(config, params)
     params = jax.block_until_ready(jax.device_put(params))  # usable device arrays
     load_s = time.perf_counter() - t
     model = Transformer(config)

@@ -118,6 +118,9 @@ class ModelConfig:
             high-level update); hrm_low_layers / hrm_high_layers: blocks in L and H.
         hypermixer_hidden_dim: width of HyperMixer's generated token-mixing MLP
             (default: hidden_dim).
+        packed_projections: q/k/v as one kernel, SwiGLU's gate/up as one, every block
+            kernel output-major (torch's Linear layout). The same function; batch-1
+            decoding on CPU is faster (`nn.packing`; decoding packs automatically).
     """
     vocab_size: int = 256
     embed_dim: int = 128
@@ -157,6 +160,7 @@ class ModelConfig:
     remat_policy: RematPolicy = RematPolicy.NONE
     scan_layers: bool = True
     init_std: float = 0.02
+    packed_projections: bool = False
 
     def __post_init__(self):
         for name, enum_cls in _ENUM_FIELDS.items():

@@ -6,6 +6,7 @@ from rustgpt_jax.decoding.cache import (
     context_limit,
     init_cache,
     left_pad,
+    prepare_for_decode,
     prompt_positions,
     reorder_cache,
     unstack_layers,
@@ -24,6 +25,7 @@ __all__ = [
     'BeamConfig', 'BeamOutput', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
     'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'decode_step',
     'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad', 'prefill',
+    'prepare_for_decode',
     'prompt_positions', 'reorder_cache', 'sample_logits', 'stream', 'top_k_filter',
     'top_p_filter', 'truncate_at_stop', 'unstack_layers',
 ]

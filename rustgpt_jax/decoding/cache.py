@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rustgpt_jax.config import ModelConfig, PositionType
+from rustgpt_jax.nn.packing import pack_projections
 
 # Single prompts are left-padded to a multiple of this, so a chat session reuses a few
 # compiled prefill programs instead of compiling one per prompt length.
@@ -179,3 +180,18 @@ def unstack_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     for i in range(config.num_layers):
         params[f'layer_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
     return config.replace(scan_layers=False), params
+
+
+def prepare_for_decode(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+    """The fastest decode form of a model: unrolled layers, packed projections.
+
+    Both are layout changes of the same function (`unstack_layers`,
+    `nn.packing.pack_projections`); the CLIs and benchmarks decode through this.
+
+    Args:
+      config, params: a model as trained or imported (any layout).
+
+    Returns:
+      (config, params) to build the decoding model from.
+    """
+    return pack_projections(*unstack_layers(config, params))

@@ -22,7 +22,7 @@ import jax
 
 from rustgpt_jax.data.instructions import format_prompt
 from rustgpt_jax.decoding.beam import BeamConfig, beam_search
-from rustgpt_jax.decoding.cache import context_limit, unstack_layers
+from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
 from rustgpt_jax.decoding.sampling import SamplingConfig
 from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
 from rustgpt_jax.models import build_model
@@ -52,14 +52,14 @@ def _load(args):
 class Session:
     """A loaded model ready to generate: the model, params, tokenizer and context limit.
 
-    The layer stack is unrolled for decoding (`cache.unstack_layers`): faster per token
-    on CPU, identical numbers.
+    The model is put in its decode form (`cache.prepare_for_decode`: unrolled layers,
+    packed projections): faster per token on CPU, the same function.
     """
 
     def __init__(self, config, params, tokenizer, err: TextIO = sys.stderr,
                  add_bos: bool = False):
         self.add_bos = add_bos and tokenizer.bos_id is not None
-        self.config, self.params = unstack_layers(config, params)
+        self.config, self.params = prepare_for_decode(config, params)
         self.model = build_model(self.config)
         self.tokenizer = tokenizer
         self.limit = context_limit(self.config)

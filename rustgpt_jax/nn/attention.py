@@ -55,6 +55,7 @@ class Attention(nn.Module):
     precision_policy: PrecisionPolicy = PrecisionPolicy.BALANCED
     with_entropy: bool = False
     entropy_rows: int = 64
+    packed: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):
@@ -68,11 +69,17 @@ class Attention(nn.Module):
           (B, T, D), or ((B, T, D), H float32 scalar) when `with_entropy`.
         """
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
-        q = dense(self, 'q_proj', x, (n, h), (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
-        k = dense(self, 'k_proj', x, (kh, h),
-                  (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
-        v = dense(self, 'v_proj', x, (kh, h),
-                  (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+        if self.packed:  # one output-major (N + 2K, H, D) kernel (nn.packing)
+            qkv = dense(self, 'qkv_proj', x, (n + 2 * kh, h),
+                        (axes.EMBED, axes.QKV_HEADS, axes.HEAD_DIM))  # (B,T,N+2K,H)
+            q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+        else:
+            q = dense(self, 'q_proj', x, (n, h),
+                      (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
+            k = dense(self, 'k_proj', x, (kh, h),
+                      (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+            v = dense(self, 'v_proj', x, (kh, h),
+                      (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
         if self.use_rope:
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)

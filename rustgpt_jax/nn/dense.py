@@ -7,6 +7,7 @@ the kernel at its real shape.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -19,10 +20,14 @@ class Projection(nn.Module):
     Attributes:
       features: output dims.
       kernel_axes: logical names of the kernel dims (contracted dims first).
+      output_major: store the kernel as (*features, *contracted dims), torch's Linear
+        layout. XLA:CPU's matrix-vector products (batch-1 decoding) read this layout
+        about 20% faster: each output is one contiguous dot product.
     """
     features: tuple
     kernel_axes: tuple
     contract: int = 1
+    output_major: bool = False
     use_bias: bool = False
     init_std: float = 0.02
     dtype: Any = jnp.float32
@@ -30,17 +35,32 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        in_dims = x.shape[x.ndim - self.contract:]
-        kernel = self.param(
-            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                   self.kernel_axes),
-            tuple(in_dims) + tuple(self.features), self.param_dtype)
+        in_dims = tuple(x.shape[x.ndim - self.contract:])
+        features = tuple(self.features)
         letters = 'abcdefgh'
         batch = letters[:x.ndim - self.contract]
         contracted = 'ijk'[:self.contract]
-        out = 'uvw'[:len(self.features)]
-        y = jnp.einsum(f'{batch}{contracted},{contracted}{out}->{batch}{out}',
-                       x.astype(self.dtype), kernel.astype(self.dtype))
+        out = 'uvw'[:len(features)]
+        if self.output_major:
+            axes_, shape, spec = (tuple(self.kernel_axes[self.contract:])
+                                  + tuple(self.kernel_axes[:self.contract]),
+                                  features + in_dims, out + contracted)
+        else:
+            axes_, shape, spec = tuple(self.kernel_axes), in_dims + features, contracted + out
+        kernel = self.param(
+            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes_),
+            shape, self.param_dtype)
+        if self.output_major:
+            # As one 2-D (out, in) matrix: XLA:CPU canonicalises a dot with several
+            # output or contracted kernel dims by transpose-copying the kernel (every
+            # call, i.e. every decode step); reshapes of row-major arrays are free.
+            lead = x.shape[:x.ndim - self.contract]
+            y = jnp.einsum('...i,oi->...o', x.reshape(lead + (-1,)).astype(self.dtype),
+                           kernel.reshape(math.prod(features), -1).astype(self.dtype))
+            y = y.reshape(lead + features)
+        else:
+            y = jnp.einsum(f'{batch}{contracted},{spec}->{batch}{out}',
+                           x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
                 'bias', nn.with_logical_partitioning(nn.initializers.zeros,
@@ -54,7 +74,8 @@ def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
           contract: int = 1):
     """Applies a `Projection` named `name` inside `module`'s compact scope.
 
-    Reads `use_bias`, `init_std`, `dtype` and `param_dtype` from `module`.
+    Reads `use_bias`, `init_std`, `dtype`, `param_dtype` and (if it has one) `packed`,
+    which selects the output-major kernel layout, from `module`.
 
     Args:
       module: the calling module (its fields configure the projection).
@@ -69,5 +90,6 @@ def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
     """
     features = features if isinstance(features, tuple) else (features,)
     return Projection(features=features, kernel_axes=tuple(kernel_axes), contract=contract,
+                      output_major=getattr(module, 'packed', False),
                       use_bias=module.use_bias, init_std=module.init_std, dtype=module.dtype,
                       param_dtype=module.param_dtype, name=name)(x)

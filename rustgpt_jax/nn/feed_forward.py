@@ -13,9 +13,13 @@ from rustgpt_jax.nn.dense import dense
 
 
 class ReluFeedForward(nn.Module):
-    """W2 relu(W1 x + b1) + b2, the RustGPT baseline."""
+    """W2 relu(W1 x + b1) + b2, the RustGPT baseline.
+
+    `packed`: output-major kernels (see `nn.packing`).
+    """
     hidden_dim: int
     use_bias: bool = True
+    packed: bool = False
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -50,9 +54,15 @@ def _silu_jvp(primals, tangents):
 
 
 class SwiGLU(nn.Module):
-    """W2 (silu(W1 x) * W3 x) (Shazeer, 2020), as in LLaMA / Mistral."""
+    """W2 (silu(W1 x) * W3 x) (Shazeer, 2020), as in LLaMA / Mistral.
+
+    `packed`: W1 and W3 are one output-major kernel 'w13' (2F, D), W2 is (D, F): one
+    matrix product instead of two, in the layout of fast matrix-vector products
+    (see `nn.packing`).
+    """
     hidden_dim: int
     use_bias: bool = False
+    packed: bool = False
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -60,7 +70,11 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         """Args: x (B, T, D). Returns (B, T, D)."""
-        d = x.shape[-1]
-        gate = dense(self, 'w1', x, self.hidden_dim, (axes.EMBED, axes.MLP))  # (B, T, F)
-        up = dense(self, 'w3', x, self.hidden_dim, (axes.EMBED, axes.MLP))  # (B, T, F)
+        d, f = x.shape[-1], self.hidden_dim
+        if self.packed:
+            gate_up = dense(self, 'w13', x, 2 * f, (axes.EMBED, axes.MLP_PACKED))  # (B, T, 2F)
+            gate, up = gate_up[..., :f], gate_up[..., f:]
+        else:
+            gate = dense(self, 'w1', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
+            up = dense(self, 'w3', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
         return dense(self, 'w2', silu(gate) * up, d, (axes.MLP, axes.EMBED))  # (B, T, D)

@@ -1,0 +1,169 @@
+"""Packed projections: the same model with q/k/v and gate/up fused, kernels output-major.
+
+`ModelConfig.packed_projections` changes only the parameter layout:
+
+    standard                               packed
+    attention.q_proj   (D, N, H)  \\
+    attention.k_proj   (D, K, H)   } ->    attention.qkv_proj (N + 2K, H, D)
+    attention.v_proj   (D, K, H)  /
+    attention.o_proj   (N, H, D)     ->    attention.o_proj   (D, N, H)
+    ffn.w1, ffn.w3     (D, F) each   ->    ffn.w13            (2F, D)      (SwiGLU)
+    ffn.w2             (F, D)        ->    ffn.w2             (D, F)
+    ffn.up / ffn.down  (D, F)/(F, D) ->    (F, D) / (D, F)                 (ReLU FFN)
+
+Biases follow their kernels' output dims. Why: one matrix-vector product per fused
+group instead of three or two, over rows that are contiguous dot products, is what
+XLA:CPU streams fastest at batch 1 (benchmarks/decode_speed.py). Training and
+checkpoints keep the standard layout (sharding rules name its axes); decoding packs
+on load (`decoding.cache.prepare_for_decode`). Any leading (scanned-layer) axes pass
+through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax.numpy as jnp
+
+from rustgpt_jax.config import ModelConfig
+
+# Module name -> contracted dims of its kernel in the standard layout.
+_CONTRACT = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'w1': 1, 'w2': 1, 'w3': 1,
+             'up': 1, 'down': 1}
+# Kernel rank in the standard layout (to find leading layer axes).
+_RANK = {'q_proj': 3, 'k_proj': 3, 'v_proj': 3, 'o_proj': 3, 'w1': 2, 'w2': 2, 'w3': 2,
+         'up': 2, 'down': 2}
+
+
+def _output_major(w, contract: int, lead: int):
+    """(*lead, *contracted, *features) -> (*lead, *features, *contracted)."""
+    order = list(range(lead)) + list(range(lead + contract, w.ndim)) + list(
+        range(lead, lead + contract))
+    return jnp.transpose(w, order)
+
+
+def _input_major(w, contract: int, lead: int):
+    """The inverse of `_output_major`."""
+    features = w.ndim - lead - contract
+    order = list(range(lead)) + list(range(w.ndim - contract, w.ndim)) + list(
+        range(lead, lead + features))
+    return jnp.transpose(w, order)
+
+
+def _lead(name: str, kernel) -> int:
+    return kernel.ndim - _RANK[name]
+
+
+def _pack_attention(attn: dict) -> dict:
+    if 'q_proj' not in attn:
+        return attn
+    attn = dict(attn)
+    q, k, v = (attn.pop(n) for n in ('q_proj', 'k_proj', 'v_proj'))
+    lead = _lead('q_proj', q['kernel'])
+    fused = jnp.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=lead + 1)
+    packed = {'kernel': _output_major(fused, 1, lead)}  # (..., N + 2K, H, D)
+    if 'bias' in q:
+        packed['bias'] = jnp.concatenate([q['bias'], k['bias'], v['bias']], axis=lead)
+    attn['qkv_proj'] = packed
+    o = dict(attn['o_proj'])
+    o['kernel'] = _output_major(o['kernel'], 2, _lead('o_proj', o['kernel']))
+    attn['o_proj'] = o
+    return attn
+
+
+def _unpack_attention(attn: dict, num_heads: int, num_kv_heads: int) -> dict:
+    if 'qkv_proj' not in attn:
+        return attn
+    attn = dict(attn)
+    packed = attn.pop('qkv_proj')
+    lead = packed['kernel'].ndim - 3
+    fused = _input_major(packed['kernel'], 1, lead)  # (..., D, N + 2K, H)
+    n, kh = num_heads, num_kv_heads
+    bounds = {'q_proj': (0, n), 'k_proj': (n, n + kh), 'v_proj': (n + kh, n + 2 * kh)}
+    for name, (a, b) in bounds.items():
+        attn[name] = {'kernel': fused[(slice(None),) * (lead + 1) + (slice(a, b),)]}
+        if 'bias' in packed:
+            attn[name]['bias'] = packed['bias'][(slice(None),) * lead + (slice(a, b),)]
+    o = dict(attn['o_proj'])
+    o['kernel'] = _input_major(o['kernel'], 2, o['kernel'].ndim - 3)
+    attn['o_proj'] = o
+    return attn
+
+
+def _pack_ffn(ffn: dict) -> dict:
+    ffn = dict(ffn)
+    if 'w1' in ffn:  # SwiGLU
+        w1, w3 = ffn.pop('w1'), ffn.pop('w3')
+        lead = _lead('w1', w1['kernel'])
+        fused = jnp.concatenate([w1['kernel'], w3['kernel']], axis=lead + 1)  # (..., D, 2F)
+        ffn['w13'] = {'kernel': _output_major(fused, 1, lead)}
+        if 'bias' in w1:
+            ffn['w13']['bias'] = jnp.concatenate([w1['bias'], w3['bias']], axis=lead)
+    for name in ('w2', 'up', 'down'):
+        if name in ffn:
+            layer = dict(ffn[name])
+            layer['kernel'] = _output_major(layer['kernel'], 1, _lead(name, layer['kernel']))
+            ffn[name] = layer
+    return ffn
+
+
+def _unpack_ffn(ffn: dict) -> dict:
+    ffn = dict(ffn)
+    for name in ('w2', 'up', 'down'):
+        if name in ffn:
+            layer = dict(ffn[name])
+            layer['kernel'] = _input_major(layer['kernel'], 1, layer['kernel'].ndim - 2)
+            ffn[name] = layer
+    if 'w13' in ffn:
+        packed = ffn.pop('w13')
+        lead = packed['kernel'].ndim - 2
+        fused = _input_major(packed['kernel'], 1, lead)  # (..., D, 2F)
+        f = fused.shape[-1] // 2
+        ffn['w1'] = {'kernel': fused[..., :f]}
+        ffn['w3'] = {'kernel': fused[..., f:]}
+        if 'bias' in packed:
+            ffn['w1']['bias'], ffn['w3']['bias'] = packed['bias'][..., :f], packed['bias'][..., f:]
+    return ffn
+
+
+def _map_blocks(tree: Any, attention_fn, ffn_fn) -> Any:
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == 'attention' and isinstance(value, dict):
+            out[key] = attention_fn(value)
+        elif key == 'ffn' and isinstance(value, dict):
+            out[key] = ffn_fn(value)
+        else:
+            out[key] = _map_blocks(value, attention_fn, ffn_fn)
+    return out
+
+
+def pack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+    """Converts standard params to the packed layout (a no-op if already packed).
+
+    Args:
+      config: the model config.
+      params: its parameters (boxed or plain; scanned or unrolled layers).
+
+    Returns:
+      (config with packed_projections=True, packed params).
+    """
+    params = flax.core.meta.unbox(params)
+    if config.packed_projections:
+        return config, params
+    packed = _map_blocks(dict(params), _pack_attention, _pack_ffn)
+    return config.replace(packed_projections=True), packed
+
+
+def unpack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+    """The inverse of `pack_projections` (a no-op if not packed)."""
+    params = flax.core.meta.unbox(params)
+    if not config.packed_projections:
+        return config, params
+    unpacked = _map_blocks(
+        dict(params), lambda a: _unpack_attention(a, config.num_heads, config.num_kv_heads),
+        _unpack_ffn)
+    return config.replace(packed_projections=False), unpacked

@@ -1,0 +1,79 @@
+"""Packed projections (nn.packing): the same function in another parameter layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_decoding_cache import _cached_logits
+from test_decoding_support import full_logits, init_params, tiny_config
+
+from rustgpt_jax.decoding import prepare_for_decode
+from rustgpt_jax.models import build_model
+from rustgpt_jax.nn.packing import pack_projections, unpack_projections
+
+CASES = {
+    'swiglu_gqa_scanned': dict(num_kv_heads=2),
+    'swiglu_bias_unrolled': dict(use_bias=True, scan_layers=False),
+    'relu_mqa_bias': dict(feed_forward='relu', num_kv_heads=1, use_bias=True),
+}
+
+
+def _tokens():
+    return np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_packed_model_computes_the_same_logits(name):
+    config = tiny_config(**CASES[name])
+    params = jax.tree_util.tree_map(  # non-zero biases, so a misplaced one shows
+        lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), init_params(config))
+    packed_config, packed = pack_projections(config, params)
+    assert packed_config.packed_projections
+    expected = full_logits(build_model(config), params, _tokens())
+    got = full_logits(build_model(packed_config), packed, _tokens())
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # The layout init creates is the layout packing produces.
+    init_shapes = jax.tree_util.tree_map(jnp.shape, init_params(packed_config))
+    assert init_shapes == jax.tree_util.tree_map(jnp.shape, packed)
+    # Unpacking restores the original arrays exactly.
+    back_config, back = unpack_projections(packed_config, packed)
+    assert back_config == config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+def test_packed_gradients_are_packed_standard_gradients():
+    config = tiny_config(num_kv_heads=2)
+    params = init_params(config)
+    packed_config, packed = pack_projections(config, params)
+    tokens = _tokens()
+
+    def loss(model):
+        def fn(p):
+            logits = model.apply({'params': p}, tokens[:, :-1])
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+        return jax.jit(jax.grad(fn))
+
+    grads = loss(build_model(config))(params)
+    packed_grads = loss(build_model(packed_config))(packed)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                           packed_grads, pack_projections(config, grads)[1])
+
+
+def test_decode_form_cached_logits_equal_full_forward():
+    config = tiny_config(num_kv_heads=2, window_size=4, max_seq_len=8)
+    params = init_params(config)
+    decode_config, decode_params = prepare_for_decode(config, params)
+    assert decode_config.packed_projections and not decode_config.scan_layers
+    rng = np.random.default_rng(3)
+    length = 14
+    lengths = np.array([length, length - 4], np.int32)
+    seqs = np.zeros((2, length), np.int32)
+    for r, n in enumerate(lengths):
+        seqs[r, length - n:] = rng.integers(3, 64, n)
+    got = _cached_logits(build_model(decode_config), decode_params, seqs, lengths,
+                         prompt_len=3)
+    oracle = build_model(config.replace(max_seq_len=32))  # the standard layout, no cache
+    for r, n in enumerate(lengths):
+        expected = np.asarray(full_logits(oracle, params, seqs[r:r + 1, length - n:])[0])
+        np.testing.assert_allclose(got[r], expected[:len(got[r])], atol=1e-5, rtol=1e-5)

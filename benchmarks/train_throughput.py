@@ -53,10 +53,11 @@ def _parse_args(argv):
     p.add_argument('--steps', type=int, default=5, help='steps per timed round')
     p.add_argument('--rounds', type=int, default=3, help='alternating timed rounds per side')
     p.add_argument('--threads', type=int, default=os.cpu_count())
-    p.add_argument('--jax_variants', nargs='+', default=['tuned'],
-                   choices=['tuned', 'plain'],
-                   help="tuned: the settings this script recommends; plain: scanned layers "
-                        "and reference attention (the straightforward step)")
+    p.add_argument('--jax_variants', nargs='+', default=['tuned', 'packed'],
+                   choices=['tuned', 'packed', 'plain'],
+                   help="tuned: the settings this script recommends; packed: tuned with "
+                        "packed projections (nn.packing); plain: scanned layers and "
+                        "reference attention (the straightforward step)")
     p.add_argument('--json', default=None)
     return p.parse_args(argv)
 
@@ -83,13 +84,14 @@ LR, BETAS, WD, CLIP, EPS = 3e-4, (0.9, 0.95), 0.1, 1.0, 1e-8
 
 
 def jax_config(c: dict, variant: str) -> ModelConfig:
-    tuned = variant == 'tuned'
+    tuned = variant in ('tuned', 'packed')
     return ModelConfig(
         vocab_size=c['vocab_size'], embed_dim=c['embed_dim'], hidden_dim=c['hidden_dim'],
         num_layers=c['num_layers'], num_heads=c['num_heads'], num_kv_heads=c['num_kv_heads'],
         max_seq_len=c['seq_len'], norm='rms_norm', feed_forward='swiglu', positions='rope',
         use_bias=False, norm_placement='pre', window_size=None,
-        scan_layers=not tuned, attention_impl='blocked' if tuned else 'reference')
+        scan_layers=not tuned, attention_impl='blocked' if tuned else 'reference',
+        packed_projections=variant == 'packed')
 
 
 def batches(c: dict, n: int, seed: int = 0):

@@ -77,3 +77,18 @@ def test_decode_form_cached_logits_equal_full_forward():
     for r, n in enumerate(lengths):
         expected = np.asarray(full_logits(oracle, params, seqs[r:r + 1, length - n:])[0])
         np.testing.assert_allclose(got[r], expected[:len(got[r])], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_interop_reads_and_writes_packed_models():
+    from rustgpt_jax.interop.hf import params_from_hf, params_to_hf
+    config = tiny_config(num_kv_heads=2)
+    params = init_params(config)
+    state = params_to_hf(params, config)
+    packed_config = config.replace(packed_projections=True)
+    # Export of a packed model = export of the standard one (HF has no packed layout).
+    packed = pack_projections(config, params)[1]
+    for name, array in params_to_hf(packed, packed_config).items():
+        np.testing.assert_array_equal(array, state[name], err_msg=name)
+    # Import into a packed config = the standard import, packed.
+    imported = params_from_hf(state, packed_config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, imported, packed)

@@ -32,6 +32,7 @@ from rustgpt_jax.config import (
     PositionType,
     WindowStrategy,
 )
+from rustgpt_jax.nn.packing import pack_projections, unpack_projections
 
 _MODEL_TYPES = ('llama', 'mistral')
 # Non-persistent buffers some older checkpoints still carry; they hold no weights.
@@ -276,7 +277,10 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ModelConfig) -> dict:
     else:
         params.update({f'layer_{i}': layer for i, layer in enumerate(layers)})
     dtype = config.params_dtype
-    return _map_tree(lambda a: jnp.asarray(a, dtype), params)
+    params = _map_tree(lambda a: jnp.asarray(a, dtype), params)
+    if config.packed_projections:  # built in the standard layout, then packed
+        params = pack_projections(config.replace(packed_projections=False), params)[1]
+    return params
 
 
 def _map_tree(fn, tree):
@@ -300,7 +304,7 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np
     import flax
 
     _check_hf_compatible(config)
-    params = flax.core.meta.unbox(params)
+    config, params = unpack_projections(config, flax.core.meta.unbox(params))
     np32 = lambda a: np.asarray(a, np.float32)
     d, lc = config.embed_dim, config.num_layers
     embedder = params['embedder']

@@ -20,6 +20,7 @@ from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.interop.gguf import dequant
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
+from rustgpt_jax.nn.packing import pack_projections
 
 ARCH = 'llama'
 GGUF_TO_HF = {
@@ -235,7 +236,10 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
     if 'output.weight' not in infos and not config.tie_embeddings:
         config = config.replace(tie_embeddings=True)
     raw = _tensor_data(path, header)
-    return config, _build_params(raw, infos, config), tokenizer
+    params = _build_params(raw, infos, config)
+    if config.packed_projections:  # built in the standard layout, then packed
+        params = pack_projections(config.replace(packed_projections=False), params)[1]
+    return config, params, tokenizer
 
 
 def _build_params(raw: dict, infos: dict, config: ModelConfig) -> dict:

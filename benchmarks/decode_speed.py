@@ -4,6 +4,8 @@ A ~110M-parameter llama-shaped model (dim 768, 12 layers, 12 heads, FFN 2048, vo
 32000) is initialised by `transformers` (torch, CPU, float32) and loaded into
 rustgpt_jax through `interop.hf.params_from_hf`. Both sides decode greedily, with a
 KV cache, a 128-token prompt and exactly 128 new tokens, at batch 1 and 8, in one run.
+Two JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers and packed
+projections, what the CLIs use) and 'jax unrolled' (the training layout, unrolled).
 
 Printed (table + JSON):
   * tokens/s end to end (prefill + decode) and for the decode phase alone (the

@@ -154,8 +154,13 @@ def pack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     params = flax.core.meta.unbox(params)
     if config.packed_projections:
         return config, params
-    packed = _map_blocks(dict(params), _pack_attention, _pack_ffn)
-    return config.replace(packed_projections=True), packed
+    return config.replace(packed_projections=True), pack_blocks(params)
+
+
+def pack_blocks(tree) -> dict:
+    """Packs every block ('attention' / 'ffn' subtree) found in `tree`, e.g. one layer's
+    params; `pack_projections` is this over a whole model plus the config change."""
+    return _map_blocks(dict(tree), _pack_attention, _pack_ffn)
 
 
 def unpack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:

@@ -92,3 +92,23 @@ def test_hf_interop_reads_and_writes_packed_models():
     # Import into a packed config = the standard import, packed.
     imported = params_from_hf(state, packed_config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, imported, packed)
+
+
+def test_packed_kernels_resolve_under_every_sharding_rule_table():
+    import flax.linen as nn
+
+    from rustgpt_jax.sharding.rules import Strategy, logical_axis_rules
+    config = tiny_config(num_kv_heads=2, packed_projections=True, scan_layers=False)
+    model = build_model(config)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    specs = nn.get_partition_spec(boxed)['params']['layer_0']
+    qkv = specs['attention']['qkv_proj']['kernel']
+    w13 = specs['ffn']['w13']['kernel']
+    assert tuple(qkv) == ('qkv_heads', 'head_dim', 'embed')
+    assert tuple(w13) == ('mlp_packed', 'embed')
+    fsdp_tp = logical_axis_rules(Strategy.FSDP_TP)
+    # Fused dims stay whole (a split would mix q and kv heads); embed follows FSDP.
+    assert tuple(nn.logical_to_mesh_axes(qkv, fsdp_tp)) == (None, None, 'data')
+    assert tuple(nn.logical_to_mesh_axes(w13, fsdp_tp)) == (None, 'data')
+    w2 = specs['ffn']['w2']['kernel']  # output-major (D, F): still split over 'model'
+    assert tuple(nn.logical_to_mesh_axes(w2, fsdp_tp)) == ('data', 'model')

@@ -27,10 +27,12 @@ class Strategy(enum.Enum):
 _BATCH = ((axes.BATCH, DATA),)
 _FSDP = ((axes.EMBED, DATA),)
 _TP = ((axes.HEADS, MODEL), (axes.KV_HEADS, MODEL), (axes.MLP, MODEL), (axes.VOCAB, MODEL))
-# Named so every logical axis resolves (to replication) under every strategy.
+# Named so every logical axis resolves (to replication) under every strategy. The packed
+# kernels' fused dims (nn.packing) stay whole under TP: a split would mix query and KV
+# heads (or gate and up columns) on one device; their embed dim still follows FSDP.
 _REPLICATED = tuple((name, None) for name in (
     axes.BATCH, axes.LENGTH, axes.EMBED, axes.VOCAB, axes.HEADS, axes.KV_HEADS,
-    axes.HEAD_DIM, axes.MLP, axes.LAYERS, axes.NORM))
+    axes.HEAD_DIM, axes.MLP, axes.LAYERS, axes.NORM, axes.QKV_HEADS, axes.MLP_PACKED))
 
 _TABLE = {
     Strategy.DP: _BATCH,

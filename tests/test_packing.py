@@ -7,7 +7,7 @@ import pytest
 from test_decoding_cache import _cached_logits
 from test_decoding_support import full_logits, init_params, tiny_config
 
-from rustgpt_jax.decoding import prepare_for_decode
+from rustgpt_jax.decoding import prepare_for_decode, unstack_layers
 from rustgpt_jax.models import build_model
 from rustgpt_jax.nn.packing import pack_projections, unpack_projections
 
@@ -65,6 +65,11 @@ def test_decode_form_cached_logits_equal_full_forward():
     params = init_params(config)
     decode_config, decode_params = prepare_for_decode(config, params)
     assert decode_config.packed_projections and not decode_config.scan_layers
+    # Every starting layout reaches the same decode form: unrolled, or already packed.
+    for start in (unstack_layers(config, params), pack_projections(config, params)):
+        other_config, other = prepare_for_decode(*start)
+        assert other_config == decode_config
+        jax.tree_util.tree_map(np.testing.assert_array_equal, other, decode_params)
     rng = np.random.default_rng(3)
     length = 14
     lengths = np.array([length, length - 4], np.int32)

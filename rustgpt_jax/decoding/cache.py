@@ -17,7 +17,7 @@ padding, which is never written to the cache nor attended.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import jax
@@ -158,7 +158,9 @@ def context_limit(config: Optional[ModelConfig]) -> Optional[int]:
     return config.max_seq_len
 
 
-def unstack_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+def unstack_layers(config: ModelConfig, params,
+                   per_layer: Callable[[dict], dict] = lambda layer: layer
+                   ) -> tuple[ModelConfig, dict]:
     """Turns scanned params (`layers` with a leading L axis) into `layer_{i}` params.
 
     The unrolled model (`scan_layers=False`) decodes faster on CPU: each layer's
@@ -168,6 +170,8 @@ def unstack_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     Args:
       config: a config with scan_layers=True.
       params: its parameters (boxed or plain arrays).
+      per_layer: applied to each layer's params as it is sliced out, so a layout change
+        of every layer never holds a third copy of the weights.
 
     Returns:
       (config with scan_layers=False, params for it).
@@ -178,7 +182,7 @@ def unstack_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     params = dict(params)
     stacked = params.pop('layers')
     for i in range(config.num_layers):
-        params[f'layer_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        params[f'layer_{i}'] = per_layer(jax.tree_util.tree_map(lambda x, i=i: x[i], stacked))
     return config.replace(scan_layers=False), params
 
 
@@ -194,14 +198,10 @@ def prepare_for_decode(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     Returns:
       (config, params) to build the decoding model from.
     """
-    params = flax.core.meta.unbox(params)
-    if not config.scan_layers:
-        return pack_projections(config, params)
-    # Layer by layer, so a large model holds its stacked params plus one more copy, not
-    # stacked + unrolled + packed (TinyLlama-1.1B in float32: 8.8 GB instead of 13).
-    params = dict(params)
-    stacked = params.pop('layers')
-    for i in range(config.num_layers):
-        layer = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-        params[f'layer_{i}'] = layer if config.packed_projections else pack_blocks(layer)
-    return config.replace(scan_layers=False, packed_projections=True), params
+    if config.packed_projections or not config.scan_layers:
+        return pack_projections(*unstack_layers(config, params))
+    # Packed layer by layer as it is sliced out: a large model holds its stacked params
+    # plus one more copy, not stacked + unrolled + packed (TinyLlama-1.1B in float32:
+    # 8.8 GB instead of 13).
+    config, params = unstack_layers(config, params, per_layer=pack_blocks)
+    return config.replace(packed_projections=True), params

@@ -32,7 +32,7 @@ from rustgpt_jax.config import (
     PositionType,
     WindowStrategy,
 )
-from rustgpt_jax.nn.packing import pack_projections, unpack_projections
+from rustgpt_jax.nn.packing import as_configured, unpack_projections
 
 _MODEL_TYPES = ('llama', 'mistral')
 # Non-persistent buffers some older checkpoints still carry; they hold no weights.
@@ -278,8 +278,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ModelConfig) -> dict:
         params.update({f'layer_{i}': layer for i, layer in enumerate(layers)})
     dtype = config.params_dtype
     params = _map_tree(lambda a: jnp.asarray(a, dtype), params)
-    if config.packed_projections:  # built in the standard layout, then packed
-        params = pack_projections(config.replace(packed_projections=False), params)[1]
+    params = as_configured(config, params)  # built in the standard layout
     return params
 
 

@@ -41,14 +41,15 @@ class Projection(nn.Module):
         batch = letters[:x.ndim - self.contract]
         contracted = 'ijk'[:self.contract]
         out = 'uvw'[:len(features)]
-        if self.output_major:
-            axes_, shape, spec = (tuple(self.kernel_axes[self.contract:])
-                                  + tuple(self.kernel_axes[:self.contract]),
-                                  features + in_dims, out + contracted)
+        kernel_axes = tuple(self.kernel_axes)
+        if self.output_major:  # (*features, *contracted)
+            kernel_axes = kernel_axes[self.contract:] + kernel_axes[:self.contract]
+            shape = features + in_dims
         else:
-            axes_, shape, spec = tuple(self.kernel_axes), in_dims + features, contracted + out
+            shape = in_dims + features
         kernel = self.param(
-            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes_),
+            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                   kernel_axes),
             shape, self.param_dtype)
         if self.output_major:
             # As one 2-D (out, in) matrix: XLA:CPU canonicalises a dot with several
@@ -59,7 +60,7 @@ class Projection(nn.Module):
                            kernel.reshape(math.prod(features), -1).astype(self.dtype))
             y = y.reshape(lead + features)
         else:
-            y = jnp.einsum(f'{batch}{contracted},{spec}->{batch}{out}',
+            y = jnp.einsum(f'{batch}{contracted},{contracted}{out}->{batch}{out}',
                            x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(

@@ -13,10 +13,13 @@
 
 Biases follow their kernels' output dims. Why: one matrix-vector product per fused
 group instead of three or two, over rows that are contiguous dot products, is what
-XLA:CPU streams fastest at batch 1 (benchmarks/decode_speed.py). Training and
-checkpoints keep the standard layout (sharding rules name its axes); decoding packs
-on load (`decoding.cache.prepare_for_decode`). Any leading (scanned-layer) axes pass
-through unchanged.
+XLA:CPU streams fastest at batch 1 (benchmarks/decode_speed.py), and fewer, larger
+matmuls train faster on CPU too (benchmarks/train_throughput.py). The standard layout
+stays the default: tensor parallelism splits its head and MLP axes, which the packed
+kernels' fused axes do not allow. Decoding packs on load
+(`decoding.cache.prepare_for_decode`); HF and GGUF files are always in the standard
+layout (`as_configured` on import, `unpack_projections` on export). Any leading
+(scanned-layer) axes pass through unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +31,6 @@ import jax.numpy as jnp
 
 from rustgpt_jax.config import ModelConfig
 
-# Module name -> contracted dims of its kernel in the standard layout.
-_CONTRACT = {'q_proj': 1, 'k_proj': 1, 'v_proj': 1, 'o_proj': 2, 'w1': 1, 'w2': 1, 'w3': 1,
-             'up': 1, 'down': 1}
 # Kernel rank in the standard layout (to find leading layer axes).
 _RANK = {'q_proj': 3, 'k_proj': 3, 'v_proj': 3, 'o_proj': 3, 'w1': 2, 'w2': 2, 'w3': 2,
          'up': 2, 'down': 2}
@@ -172,3 +172,10 @@ def unpack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
         dict(params), lambda a: _unpack_attention(a, config.num_heads, config.num_kv_heads),
         _unpack_ffn)
     return config.replace(packed_projections=False), unpacked
+
+
+def as_configured(config: ModelConfig, standard_params) -> dict:
+    """Params built in the standard layout (e.g. by an importer), in `config`'s layout."""
+    if not config.packed_projections:
+        return standard_params
+    return pack_blocks(flax.core.meta.unbox(standard_params))

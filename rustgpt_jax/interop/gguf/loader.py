@@ -20,7 +20,7 @@ from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.interop.gguf import dequant
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
-from rustgpt_jax.nn.packing import pack_projections
+from rustgpt_jax.nn.packing import as_configured
 
 ARCH = 'llama'
 GGUF_TO_HF = {
@@ -237,8 +237,7 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
         config = config.replace(tie_embeddings=True)
     raw = _tensor_data(path, header)
     params = _build_params(raw, infos, config)
-    if config.packed_projections:  # built in the standard layout, then packed
-        params = pack_projections(config.replace(packed_projections=False), params)[1]
+    params = as_configured(config, params)  # built in the standard layout
     return config, params, tokenizer
 
 

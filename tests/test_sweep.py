@@ -3,9 +3,11 @@ is killed mid-run and resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -60,10 +62,22 @@ def test_spec_validation_and_gin_form(tmp_path):
 
 
 def _trials(storage_url):
+    """The study's trials, or [] while the sweep has not created it yet.
+
+    Checked read-only first: `load_study` on a fresh SQLite file initialises Optuna's
+    schema, and doing that while the launcher initialises it too races on the schema
+    stamp (an IntegrityError in either process). Only the sweep may create the storage.
+    """
+    path = storage_url[len('sqlite:///'):]
     try:
-        study = optuna.load_study(study_name='toy_sweep', storage=storage_url)
-    except KeyError:
-        return []  # not created yet
+        with contextlib.closing(sqlite3.connect(f'file:{path}?mode=ro', uri=True)) as db:
+            found = db.execute('SELECT 1 FROM studies WHERE study_name = ?',
+                               ('toy_sweep',)).fetchone()
+    except sqlite3.OperationalError:  # no file or no schema yet
+        return []
+    if not found:
+        return []
+    study = optuna.load_study(study_name='toy_sweep', storage=storage_url)
     return study.get_trials(deepcopy=False)
 
 

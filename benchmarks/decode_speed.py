@@ -4,8 +4,10 @@ A ~110M-parameter llama-shaped model (dim 768, 12 layers, 12 heads, FFN 2048, vo
 32000) is initialised by `transformers` (torch, CPU, float32) and loaded into
 rustgpt_jax through `interop.hf.params_from_hf`. Both sides decode greedily, with a
 KV cache, a 128-token prompt and exactly 128 new tokens, at batch 1 and 8, in one run.
-Two JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers and packed
-projections, what the CLIs use) and 'jax unrolled' (the training layout, unrolled).
+Three JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers, packed
+projections and, on CPU, the FFN down projection in two row blocks; what the CLIs use),
+'jax whole rows' (the same without row blocks) and 'jax unrolled' (the training layout,
+unrolled).
 
 Printed (table + JSON):
   * tokens/s end to end (prefill + decode) and for the decode phase alone (the
@@ -109,9 +111,11 @@ def main():
     hf_model = transformers.LlamaForCausalLM(hf_config_from(base)).eval()
     config = config_from_hf(hf_model.config, max_seq_len=base.max_seq_len)
     params = params_from_hf(hf_model.state_dict(), config)
-    # 'jax packed' is what the CLIs decode with (decoding.prepare_for_decode); 'jax
-    # unrolled' keeps the training layout of the projections (nn.packing).
+    # 'jax packed' is what the CLIs decode with (decoding.prepare_for_decode); 'jax whole
+    # rows' drops its matvec row blocks; 'jax unrolled' keeps the training layout of the
+    # projections (nn.packing).
     variants = {'jax packed': prepare_for_decode(config, params),
+                'jax whole rows': prepare_for_decode(config, params, row_blocks=()),
                 'jax unrolled': unstack_layers(config, params)}
     if args.scanned:  # the nn.scan layer stack, for comparison (one more compile)
         variants['jax scanned'] = (config, params)

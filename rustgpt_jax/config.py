@@ -121,6 +121,13 @@ class ModelConfig:
         packed_projections: q/k/v as one kernel, SwiGLU's gate/up as one, every block
             kernel output-major (torch's Linear layout). The same function; batch-1
             decoding on CPU is faster (`nn.packing`; decoding packs automatically).
+        matvec_row_blocks: ((projection name, blocks), ...) for packed kernels, e.g.
+            (('w2', 2),): that (out, in) kernel is evaluated as one batched dot over
+            `blocks` row blocks of out / blocks rows, the same products. XLA:CPU's
+            matrix-vector product streams some kernel shapes far slower than others
+            (768 x 2048: 20-22 GB/s, as 2 x 384 x 2048: 27-33 GB/s; nn.dense); decoding on
+            CPU sets it (`decoding.prepare_for_decode`). Names: qkv_proj, o_proj, w13,
+            w2, up, down; out must divide by blocks.
     """
     vocab_size: int = 256
     embed_dim: int = 128
@@ -161,6 +168,7 @@ class ModelConfig:
     scan_layers: bool = True
     init_std: float = 0.02
     packed_projections: bool = False
+    matvec_row_blocks: tuple = ()
 
     def __post_init__(self):
         for name, enum_cls in _ENUM_FIELDS.items():
@@ -243,6 +251,32 @@ class ModelConfig:
                   f'must be >= 1 or None, got {self.hypermixer_hidden_dim}')
         if self.init_std <= 0:
             _fail('init_std', f'must be > 0, got {self.init_std}')
+        self._validate_row_blocks()
+
+    def _validate_row_blocks(self):
+        blocks = self.matvec_row_blocks
+        try:
+            blocks = tuple((str(name), blocks_) for name, blocks_ in blocks)
+        except (TypeError, ValueError):
+            _fail('matvec_row_blocks', f'must be a tuple of (projection name, blocks) pairs, '
+                  f'got {self.matvec_row_blocks!r}')
+        if blocks and not self.packed_projections:
+            _fail('matvec_row_blocks', 'applies to packed (output-major) kernels: set '
+                  'packed_projections=True as well')
+        d, f = self.embed_dim, self.hidden_dim
+        rows = {'qkv_proj': (self.num_heads + 2 * self.num_kv_heads) * self.effective_head_dim,
+                'o_proj': d, 'w13': 2 * f, 'w2': d, 'up': f, 'down': d}
+        for name, count in blocks:
+            if name not in rows:
+                _fail('matvec_row_blocks', f'unknown projection {name!r}; one of '
+                      f'{sorted(rows)}')
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                _fail('matvec_row_blocks', f'{name}: blocks must be an integer >= 1, '
+                      f'got {count!r}')
+            if rows[name] % count:
+                _fail('matvec_row_blocks', f'{name} has {rows[name]} output rows, not '
+                      f'divisible into {count} blocks')
+        object.__setattr__(self, 'matvec_row_blocks', blocks)
 
     # -- derived quantities ---------------------------------------------------
 

@@ -117,3 +117,62 @@ def test_packed_kernels_resolve_under_every_sharding_rule_table():
     assert tuple(nn.logical_to_mesh_axes(w13, fsdp_tp)) == (None, 'data')
     w2 = specs['ffn']['w2']['kernel']  # output-major (D, F): still split over 'model'
     assert tuple(nn.logical_to_mesh_axes(w2, fsdp_tp)) == ('data', 'model')
+
+
+@pytest.mark.parametrize('lead,rows,blocks', [((1,), 12, 2), ((2, 3), 12, 3), ((1, 1), 8, 8)])
+def test_projection_row_blocks_equal_the_whole_matrix_product(lead, rows, blocks):
+    from rustgpt_jax.nn.dense import Projection
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=lead + (5,)).astype(np.float32)
+    kernel = rng.normal(size=(rows, 5)).astype(np.float32)  # output-major (out, in)
+    layer = Projection(features=(rows,), kernel_axes=('embed', 'mlp'), output_major=True,
+                       row_blocks=blocks)
+    got = layer.apply({'params': {'kernel': kernel}}, x)
+    expected = x.astype(np.float64) @ kernel.T.astype(np.float64)  # numpy, not XLA
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('feed_forward', ['swiglu', 'relu'])
+def test_matvec_row_blocks_leave_the_logits_unchanged(feed_forward):
+    config = tiny_config(num_kv_heads=2, feed_forward=feed_forward)
+    params = init_params(config)
+    packed_config, packed = pack_projections(config, params)
+    ffn = ('w13', 'w2') if feed_forward == 'swiglu' else ('up', 'down')
+    blocks = (('qkv_proj', 4), ('o_proj', 2), (ffn[0], 4), (ffn[1], 8))
+    split_config = packed_config.replace(matvec_row_blocks=blocks)
+    expected = full_logits(build_model(config), params, _tokens())
+    got = full_logits(build_model(split_config), packed, _tokens())  # same params
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # Unpacking drops the blocks (they only apply to packed kernels).
+    assert unpack_projections(split_config, packed)[0] == config
+
+
+@pytest.mark.parametrize('blocks,message', [
+    ((('w2', 3),), 'w2 has 32 output rows, not divisible into 3 blocks'),
+    ((('w4', 2),), "unknown projection 'w4'"),
+    ((('w2', 0),), 'blocks must be an integer >= 1'),
+    ('w2', 'must be a tuple of'),
+])
+def test_matvec_row_blocks_are_validated(blocks, message):
+    with pytest.raises(ValueError, match='ModelConfig.matvec_row_blocks') as error:
+        tiny_config(packed_projections=True, matvec_row_blocks=blocks)
+    assert message in str(error.value)
+    with pytest.raises(ValueError, match='set packed_projections=True'):
+        tiny_config(matvec_row_blocks=(('w2', 2),))
+
+
+def test_prepare_for_decode_picks_row_blocks_per_backend():
+    from rustgpt_jax.decoding import default_row_blocks
+    from rustgpt_jax.training.checkpoint import config_from_dict, config_to_dict
+    config = tiny_config()
+    assert default_row_blocks(config, 'cpu') == (('w2', 2),)
+    assert default_row_blocks(tiny_config(feed_forward='relu'), 'cpu') == (('down', 2),)
+    assert default_row_blocks(config, 'gpu') == ()
+    params = init_params(config)
+    decode_config = prepare_for_decode(config, params)[0]
+    assert decode_config.matvec_row_blocks == default_row_blocks(config)
+    assert prepare_for_decode(config, params, row_blocks=())[0].matvec_row_blocks == ()
+    # A checkpoint's JSON config (lists) reads back as the same config.
+    import json
+    saved = json.loads(json.dumps(config_to_dict(decode_config)))
+    assert config_from_dict(saved) == decode_config

@@ -4,6 +4,7 @@ from rustgpt_jax.decoding.beam import BeamConfig, BeamOutput, adapt_width, beam_
 from rustgpt_jax.decoding.cache import (
     cache_batch_axes,
     context_limit,
+    default_row_blocks,
     init_cache,
     left_pad,
     prepare_for_decode,
@@ -24,8 +25,8 @@ from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_sto
 __all__ = [
     'BeamConfig', 'BeamOutput', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
     'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'decode_step',
-    'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad', 'prefill',
-    'prepare_for_decode',
+    'default_row_blocks', 'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad',
+    'prefill', 'prepare_for_decode',
     'prompt_positions', 'reorder_cache', 'sample_logits', 'stream', 'top_k_filter',
     'top_p_filter', 'truncate_at_stop', 'unstack_layers',
 ]

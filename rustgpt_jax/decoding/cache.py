@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rustgpt_jax.config import ModelConfig, PositionType
+from rustgpt_jax.config import FeedForwardType, ModelConfig, PositionType
 from rustgpt_jax.nn.packing import pack_blocks, pack_projections
 
 # Single prompts are left-padded to a multiple of this, so a chat session reuses a few
@@ -186,22 +186,46 @@ def unstack_layers(config: ModelConfig, params,
     return config.replace(scan_layers=False), params
 
 
-def prepare_for_decode(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+def prepare_for_decode(config: ModelConfig, params,
+                       row_blocks: Optional[tuple] = None) -> tuple[ModelConfig, dict]:
     """The fastest decode form of a model: unrolled layers, packed projections.
 
-    Both are layout changes of the same function (`unstack_layers`,
-    `nn.packing.pack_projections`); the CLIs and benchmarks decode through this.
+    All are layout changes of the same function (`unstack_layers`,
+    `nn.packing.pack_projections`, `ModelConfig.matvec_row_blocks`); the CLIs and
+    benchmarks decode through this.
 
     Args:
       config, params: a model as trained or imported (any layout).
+      row_blocks: `ModelConfig.matvec_row_blocks` of the result; None keeps the
+        config's, or if it has none picks `default_row_blocks` for the backend.
 
     Returns:
       (config, params) to build the decoding model from.
     """
     if config.packed_projections or not config.scan_layers:
-        return pack_projections(*unstack_layers(config, params))
-    # Packed layer by layer as it is sliced out: a large model holds its stacked params
-    # plus one more copy, not stacked + unrolled + packed (TinyLlama-1.1B in float32:
-    # 8.8 GB instead of 13).
-    config, params = unstack_layers(config, params, per_layer=pack_blocks)
-    return config.replace(packed_projections=True), params
+        config, params = pack_projections(*unstack_layers(config, params))
+    else:
+        # Packed layer by layer as it is sliced out: a large model holds its stacked
+        # params plus one more copy, not stacked + unrolled + packed (TinyLlama-1.1B in
+        # float32: 8.8 GB instead of 13).
+        config, params = unstack_layers(config, params, per_layer=pack_blocks)
+        config = config.replace(packed_projections=True)
+    if row_blocks is None:
+        row_blocks = config.matvec_row_blocks or default_row_blocks(config)
+    return config.replace(matvec_row_blocks=tuple(row_blocks)), params
+
+
+def default_row_blocks(config: ModelConfig, backend: Optional[str] = None) -> tuple:
+    """`matvec_row_blocks` for batch-1 decoding on `backend` (default: JAX's).
+
+    On CPU the feed-forward down projection (D, F) is split into two row blocks:
+    XLA:CPU's single-threaded matrix-vector product streamed the 110M benchmark's
+    768 x 2048 kernel at 20-22 GB/s and two 384 x 2048 blocks at 27-33 GB/s, while q/k/v,
+    o and gate/up kernels gained nothing (benchmarks/decode_speed.py prints both forms).
+    Other backends: no blocks.
+    """
+    backend = backend or jax.default_backend()
+    if backend != 'cpu' or config.embed_dim % 2:
+        return ()
+    down = 'w2' if config.feed_forward == FeedForwardType.SWIGLU else 'down'
+    return ((down, 2),)

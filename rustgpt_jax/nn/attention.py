@@ -56,6 +56,7 @@ class Attention(nn.Module):
     with_entropy: bool = False
     entropy_rows: int = 64
     packed: bool = False
+    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):

@@ -26,7 +26,8 @@ def make_feed_forward(config: ModelConfig, name: str) -> nn.Module:
         config.feed_forward]
     return cls(hidden_dim=config.hidden_dim, use_bias=config.use_bias,
                init_std=config.init_std, dtype=config.compute_dtype,
-               param_dtype=config.params_dtype, packed=config.packed_projections, name=name)
+               param_dtype=config.params_dtype, packed=config.packed_projections,
+               row_blocks=config.matvec_row_blocks, name=name)
 
 
 class Block(nn.Module):
@@ -59,7 +60,8 @@ class Block(nn.Module):
             variant=cfg.attention_variant, adaattn_ranks=cfg.adaattn_ranks,
             adaattn_rank_threshold=cfg.adaattn_rank_threshold,
             precision_policy=cfg.precision_policy, with_entropy=with_entropy,
-            packed=cfg.packed_projections, name='attention')
+            packed=cfg.packed_projections, row_blocks=cfg.matvec_row_blocks,
+            name='attention')
 
         def attend(h):
             if not with_entropy:

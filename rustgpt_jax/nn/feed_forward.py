@@ -20,6 +20,7 @@ class ReluFeedForward(nn.Module):
     hidden_dim: int
     use_bias: bool = True
     packed: bool = False
+    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -63,6 +64,7 @@ class SwiGLU(nn.Module):
     hidden_dim: int
     use_bias: bool = False
     packed: bool = False
+    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

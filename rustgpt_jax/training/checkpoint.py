@@ -30,8 +30,8 @@ FORMAT_VERSION = 1
 TOKENIZER_DIR = 'tokenizer'
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Implementation choices with identical mathematics: a checkpoint may be resumed with
-# another attention kernel or remat policy. Every other field must match.
-RUNTIME_FIELDS = ('attention_impl', 'remat_policy')
+# another attention kernel, remat policy or matvec row split. Every other field must match.
+RUNTIME_FIELDS = ('attention_impl', 'remat_policy', 'matvec_row_blocks')
 
 
 class CheckpointError(ValueError):

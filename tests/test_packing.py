@@ -119,7 +119,8 @@ def test_packed_kernels_resolve_under_every_sharding_rule_table():
     assert tuple(nn.logical_to_mesh_axes(w2, fsdp_tp)) == ('data', 'model')
 
 
-@pytest.mark.parametrize('lead,rows,blocks', [((1,), 12, 2), ((2, 3), 12, 3), ((1, 1), 8, 8)])
+@pytest.mark.parametrize('lead,rows,blocks', [((1,), 12, 2), ((2, 3), 12, 3), ((1, 1), 8, 8),
+                                               ((3, 4), 12, 2)])  # 12 rows > MATVEC_MAX_ROWS
 def test_projection_row_blocks_equal_the_whole_matrix_product(lead, rows, blocks):
     from rustgpt_jax.nn.dense import Projection
     rng = np.random.default_rng(0)
@@ -140,9 +141,11 @@ def test_matvec_row_blocks_leave_the_logits_unchanged(feed_forward):
     ffn = ('w13', 'w2') if feed_forward == 'swiglu' else ('up', 'down')
     blocks = (('qkv_proj', 4), ('o_proj', 2), (ffn[0], 4), (ffn[1], 8))
     split_config = packed_config.replace(matvec_row_blocks=blocks)
-    expected = full_logits(build_model(config), params, _tokens())
-    got = full_logits(build_model(split_config), packed, _tokens())  # same params
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # (1, 8): 8 rows, evaluated in blocks; (2, 12): 24 rows, whole (nn.dense.MATVEC_MAX_ROWS).
+    for tokens in (_tokens()[:1, :8], _tokens()):
+        expected = full_logits(build_model(config), params, tokens)
+        got = full_logits(build_model(split_config), packed, tokens)  # same params
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     # Unpacking drops the blocks (they only apply to packed kernels).
     assert unpack_projections(split_config, packed)[0] == config
 

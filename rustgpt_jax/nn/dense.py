@@ -13,6 +13,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+# Row blocks apply to matrix-vector-like products only (decode steps up to batch 8):
+# a batch-8 prompt of 128 tokens (1,024 rows) prefilled 1.6x slower in blocks, while
+# batch-1 and batch-8 decode steps were faster (benchmarks/decode_speed.py).
+MATVEC_MAX_ROWS = 8
+
 
 class Projection(nn.Module):
     """y = x . kernel (+ bias), contracting the last `contract` dims of x.
@@ -24,9 +29,10 @@ class Projection(nn.Module):
         layout. XLA:CPU's matrix-vector products (batch-1 decoding) read this layout
         about 20% faster: each output is one contiguous dot product.
       row_blocks: (output-major only) evaluate the (out, in) kernel as a batched dot
-        over this many blocks of out / row_blocks rows: the same products, but
-        XLA:CPU's single-threaded matrix-vector product streams some shapes much faster
-        split (`ModelConfig.matvec_row_blocks`). The reshape of the kernel is free.
+        over this many blocks of out / row_blocks rows when x has at most
+        MATVEC_MAX_ROWS rows: the same products, but XLA:CPU's single-threaded
+        matrix-vector product streams some shapes much faster split
+        (`ModelConfig.matvec_row_blocks`). The reshape of the kernel is free.
     """
     features: tuple
     kernel_axes: tuple
@@ -63,7 +69,7 @@ class Projection(nn.Module):
             lead = x.shape[:x.ndim - self.contract]
             rows, blocks = math.prod(features), self.row_blocks
             x2 = x.reshape(lead + (-1,)).astype(self.dtype)  # (..., in)
-            if blocks == 1:
+            if blocks == 1 or math.prod(lead) > MATVEC_MAX_ROWS:
                 y = jnp.einsum('...i,oi->...o', x2, kernel.reshape(rows, -1).astype(self.dtype))
             else:
                 if rows % blocks:

@@ -96,6 +96,27 @@ def test_keeps_last_n_and_best(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
 
 
+def test_dropped_steps_leave_through_a_rename(tmp_path):
+    """Steps the keep policy drops are renamed into TRASH_SUBDIR (one atomic step) and
+    then removed; what a killed run left there is removed on open and never lists."""
+    from rustgpt_jax.training.checkpoint import TRASH_SUBDIR
+    model, state, tok = _state_and_tokenizer()
+    directory = tmp_path / 'ck'
+    ckpt = Checkpointer(str(directory), max_to_keep=1)
+    for step in (1, 2, 3):
+        ckpt.save(step, state.checkpoint_tree(), {'step': step}, make_meta(model, tok))
+    assert ckpt.all_steps() == [3]
+    assert sorted(os.listdir(directory)) == ['3']  # dropped steps 1, 2 and the trash: gone
+    ckpt.close()
+    # A run killed while removing step 2: half of it is still in the trash.
+    (directory / TRASH_SUBDIR / '2' / 'state').mkdir(parents=True)
+    ckpt = Checkpointer(str(directory), max_to_keep=1)
+    assert ckpt.all_steps() == [3] and not (directory / TRASH_SUBDIR).exists()
+    tree, data, _ = ckpt.restore(3, state.checkpoint_tree(), model, tok)
+    assert data == {'step': 3} and int(tree['step']) == int(state.checkpoint_tree()['step'])
+    ckpt.close()
+
+
 _SAVER = r'''
 import sys
 from rustgpt_jax.training import Checkpointer, OptimizerConfig, create_train_state, make_optimizer

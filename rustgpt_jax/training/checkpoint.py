@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import shutil
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
@@ -29,6 +30,10 @@ from rustgpt_jax.data import Tokenizer, load_tokenizer
 FORMAT_VERSION = 1
 TOKENIZER_DIR = 'tokenizer'
 CHECKPOINT_SUBDIR = 'checkpoints'
+# Steps the keep policy drops are renamed in here (atomic), then removed. Orbax's default
+# removes a step directory file by file: a kill in between left a step that still listed
+# but had lost its 'meta' item (seen once in tests/test_checkpoint.py's kill test).
+TRASH_SUBDIR = '.deleted'
 # Implementation choices with identical mathematics: a checkpoint may be resumed with
 # another attention kernel, remat policy or matvec row split. Every other field must match.
 RUNTIME_FIELDS = ('attention_impl', 'remat_policy', 'matvec_row_blocks')
@@ -93,9 +98,14 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve, best_fn=_val_loss, best_mode='min',
-            cleanup_tmp_directories=True, enable_async_checkpointing=False, create=True)
+            cleanup_tmp_directories=True, enable_async_checkpointing=False, create=True,
+            todelete_subdir=TRASH_SUBDIR)
+        self._empty_trash()  # what a killed run was removing
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=('state', 'data', 'meta'))
+
+    def _empty_trash(self) -> None:
+        shutil.rmtree(os.path.join(self.directory, TRASH_SUBDIR), ignore_errors=True)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -136,6 +146,7 @@ class Checkpointer:
             meta=ocp.args.JsonSave({**meta, 'val_loss': metrics and metrics['val_loss']})),
             metrics=metrics, force=True)
         self.manager.wait_until_finished()
+        self._empty_trash()  # steps dropped by the keep policy were renamed there
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(

@@ -179,3 +179,13 @@ def test_prepare_for_decode_picks_row_blocks_per_backend():
     import json
     saved = json.loads(json.dumps(config_to_dict(decode_config)))
     assert config_from_dict(saved) == decode_config
+
+
+def test_projection_rejects_row_blocks_that_do_not_divide_its_rows():
+    from rustgpt_jax.nn.dense import Projection
+    layer = Projection(features=(12,), kernel_axes=('embed', 'mlp'), output_major=True,
+                       row_blocks=5, name='w2')
+    kernel = np.zeros((12, 5), np.float32)
+    for rows in (1, 32):  # within and beyond MATVEC_MAX_ROWS
+        with pytest.raises(ValueError, match='12 output rows do not split into 5 row blocks'):
+            layer.apply({'params': {'kernel': kernel}}, np.zeros((rows, 5), np.float32))

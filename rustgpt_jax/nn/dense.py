@@ -68,13 +68,13 @@ class Projection(nn.Module):
             # call, i.e. every decode step); reshapes of row-major arrays are free.
             lead = x.shape[:x.ndim - self.contract]
             rows, blocks = math.prod(features), self.row_blocks
+            if rows % blocks:  # checked at any input size, not only where blocks apply
+                raise ValueError(f'{self.name}: {rows} output rows do not split into '
+                                 f'{blocks} row blocks')
             x2 = x.reshape(lead + (-1,)).astype(self.dtype)  # (..., in)
             if blocks == 1 or math.prod(lead) > MATVEC_MAX_ROWS:
                 y = jnp.einsum('...i,oi->...o', x2, kernel.reshape(rows, -1).astype(self.dtype))
             else:
-                if rows % blocks:
-                    raise ValueError(f'{self.name}: {rows} output rows do not split into '
-                                     f'{blocks} row blocks')
                 # The block axis leads on both sides: XLA runs it as one batched dot
                 # over contiguous (rows / blocks, in) slices, with no copy of the kernel.
                 xb = jnp.broadcast_to(x2, (blocks,) + x2.shape)  # (S, ..., in)

@@ -18,12 +18,21 @@ Printed (table + JSON):
   * KV-cache bytes against the generated length for full causal attention and a
     sliding window (flat beyond W: the cache is a ring of W slots).
 
-Usage: python benchmarks/decode_speed.py [--batches 1 8] [--repeats 3] [--json out.json]
+Both sides are timed twice (--wakeup both, the default): at the machine's default CPU
+idle states, then holding a 0 us wake-up latency request (`decoding.wakeup`, Linux PM
+QoS; needs root, else that half is left out with a note). On a VM an idle vCPU halts and
+XLA:CPU resumes a decode step on another pool thread after every large product, so the
+request mostly helps the JAX side; every ratio compares the two sides under the same
+setting.
+
+Usage: python benchmarks/decode_speed.py [--batches 1 8] [--repeats 3] [--wakeup both]
+       [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -35,6 +44,7 @@ import numpy as np
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.decoding import generate, prepare_for_decode, unstack_layers
 from rustgpt_jax.decoding.cache import _cache_shapes
+from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
 from rustgpt_jax.models import build_model
 
@@ -91,6 +101,32 @@ def cache_bytes(config: ModelConfig) -> int:
     return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree_util.tree_leaves(shapes))
 
 
+def time_batch(hf_model, variants, prompts, args, bound, wakeup):
+    """Times HF and every JAX variant on `prompts` (batch, prompt_len); prints and returns
+    one row per side."""
+    batch = prompts.shape[0]
+    hf_total, hf_first, hf_tokens = hf_seconds(hf_model, prompts, args.new_tokens,
+                                               args.repeats)
+    timed = {'hf torch': (hf_total, hf_first, hf_tokens)}
+    for name, (cfg, p) in variants.items():
+        timed[name] = jax_seconds(build_model(cfg), p, prompts, args.new_tokens, args.repeats)
+    hf_decode = (args.new_tokens - 1) * batch / (hf_total - hf_first)
+    rows = []
+    for name, (total, first, tokens) in timed.items():
+        decode = (args.new_tokens - 1) * batch / (total - first)
+        row = dict(wakeup=wakeup, impl=name, batch=batch,
+                   e2e_tokens_s=args.new_tokens * batch / total,
+                   decode_tokens_s=decode, vs_hf=decode / hf_decode,
+                   of_bound=decode / bound if batch == 1 else None,
+                   greedy_match=float(np.mean(tokens == hf_tokens)))
+        rows.append(row)
+        of_bound = f'{row["of_bound"]:.0%}' if row['of_bound'] is not None else '-'
+        print(f'{wakeup:<12} {name:<14} {batch:>5} {row["e2e_tokens_s"]:>10.1f} '
+              f'{decode:>13.1f} {row["vs_hf"]:>11.2f}x {of_bound:>9} '
+              f'{row["greedy_match"]:>11.0%}')
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
@@ -99,6 +135,9 @@ def main():
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
     parser.add_argument('--scanned', action='store_true', help='also time the scanned stack')
+    parser.add_argument('--wakeup', choices=('default', 'zero', 'both'), default='both',
+                        help='CPU idle wake-up latency: machine default, a 0 us request, '
+                             'or each in turn')
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args()
 
@@ -127,31 +166,23 @@ def main():
     results = dict(devices=str(jax.devices()), params=n_params, weight_bytes=weight_bytes,
                    copy_bandwidth_gbs=bandwidth / 1e9, bound_tokens_s=bound, rows=[])
 
-    rng = np.random.default_rng(0)
     print(f'{n_params / 1e6:.1f}M params, {weight_bytes / 1e9:.3f} GB weights read per token, '
           f'copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound:.1f} tokens/s (batch 1)')
-    header = (f'{"impl":<14} {"batch":>5} {"e2e tok/s":>10} {"decode tok/s":>13} '
-              f'{"vs HF decode":>12} {"of bound":>9} {"greedy = HF":>11}')
+    header = (f'{"idle wake-up":<12} {"impl":<14} {"batch":>5} {"e2e tok/s":>10} '
+              f'{"decode tok/s":>13} {"vs HF decode":>12} {"of bound":>9} {"greedy = HF":>11}')
     print(header)
-    for batch in args.batches:
-        prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
-        hf_total, hf_first, hf_tokens = hf_seconds(hf_model, prompts, args.new_tokens,
-                                                   args.repeats)
-        rows = {'hf torch': (hf_total, hf_first, hf_tokens)}
-        for name, (cfg, p) in variants.items():
-            rows[name] = jax_seconds(build_model(cfg), p, prompts, args.new_tokens, args.repeats)
-        hf_decode = (args.new_tokens - 1) * batch / (hf_total - hf_first)
-        for name, (total, first, tokens) in rows.items():
-            decode = (args.new_tokens - 1) * batch / (total - first)
-            row = dict(impl=name, batch=batch, e2e_tokens_s=args.new_tokens * batch / total,
-                       decode_tokens_s=decode, vs_hf=decode / hf_decode,
-                       of_bound=decode / bound if batch == 1 else None,
-                       greedy_match=float(np.mean(tokens == hf_tokens)))
-            results['rows'].append(row)
-            of_bound = f'{row["of_bound"]:.0%}' if row['of_bound'] is not None else '-'
-            print(f'{name:<14} {batch:>5} {row["e2e_tokens_s"]:>10.1f} {decode:>13.1f} '
-                  f'{row["vs_hf"]:>11.2f}x {of_bound:>9} {row["greedy_match"]:>11.0%}')
-
+    settings = {'default': ['default'], 'zero': ['0 us'], 'both': ['default', '0 us']}
+    for wakeup in settings[args.wakeup]:
+        request = (cpu_wakeup_latency(0) if wakeup == '0 us'
+                   else contextlib.nullcontext(True))
+        with request as held:
+            if not held:
+                print(f'{wakeup:<12} left out: no wake-up latency request (see the warning)')
+                continue
+            rng = np.random.default_rng(0)  # the same prompts under every setting
+            for batch in args.batches:
+                prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
+                results['rows'] += time_batch(hf_model, variants, prompts, args, bound, wakeup)
     print('\nKV-cache bytes per sequence (float32) against the generated length')
     lengths = [256, 1024, 4096, 16384]
     window = 256

@@ -1,6 +1,7 @@
 """The CLIs over a tiny model + char tokenizer (the checkpoint loader is monkeypatched)."""
 
 import io
+import os
 
 import pytest
 from test_decoding_support import init_params, tiny_config
@@ -84,3 +85,25 @@ def test_chat_answers_with_the_template_and_exits(loaded):
                                    cli.CHAT_STOP)
     assert code == 0
     assert out == "Type a message; 'exit' quits.\nUser: Assistant: " + expected + '\nUser: '
+
+
+def test_generate_holds_the_wakeup_request_while_decoding(loaded, monkeypatch):
+    from rustgpt_jax.decoding import wakeup
+    access = os.access(wakeup.PM_QOS_DEVICE, os.R_OK | os.W_OK)
+    seen = []
+    stream_text = cli.Session.stream_text
+
+    def recording(self, *args, **kwargs):  # the kernel's latency bound while decoding
+        seen.append(wakeup.current_wakeup_latency() if access else None)
+        return stream_text(self, *args, **kwargs)
+    monkeypatch.setattr(cli.Session, 'stream_text', recording)
+    argv = ['--checkpoint', 'x', '--prompt', 'hello', '--temperature', '0',
+            '--max_new_tokens', NEW, '--wakeup_latency_us', '0']
+    code, out, err = _main(cli.generate_main, argv)
+    assert code == 0 and out == _greedy_text(loaded, loaded[2].encode('hello')) + '\n'
+    if access:
+        assert seen == [0] and wakeup.current_wakeup_latency() > 0
+    else:
+        assert '[note]' in err and 'cpu_dma_latency' in err
+    code, out, err = _main(cli.generate_main, argv[:-1] + ['-1'])
+    assert code == 2 and 'max_us' in err and out == ''

@@ -15,6 +15,7 @@ Prompt rules (never a crash; every adjustment is reported on stderr):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Optional, Sequence, TextIO
 
@@ -25,6 +26,7 @@ from rustgpt_jax.decoding.beam import BeamConfig, beam_search
 from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
 from rustgpt_jax.decoding.sampling import SamplingConfig
 from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
+from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.models import build_model
 
 CHAT_STOP = ('\nUser:',)  # a chat answer ends where the model starts the next turn
@@ -137,6 +139,22 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--stop', action='append', default=[],
                         help='stop string (repeatable); generation ends before it')
+    parser.add_argument('--wakeup_latency_us', type=int, default=None,
+                        help='hold a CPU idle wake-up latency request while running '
+                             '(Linux PM QoS, needs root; 0 = idle CPUs poll): faster '
+                             'CPU decoding on VMs, more idle power. See decoding.wakeup')
+
+
+def _wakeup(args, err: TextIO) -> contextlib.ExitStack:
+    """Holds the --wakeup_latency_us request until the returned stack closes; if it cannot
+    be made, a note on `err` and the command runs without it (a bad value: ValueError)."""
+    stack = contextlib.ExitStack()
+    if args.wakeup_latency_us is not None:
+        try:
+            stack.enter_context(cpu_wakeup_latency(args.wakeup_latency_us, required=True))
+        except OSError as e:
+            print(f'[note] {e.strerror}; running at the default latency', file=err)
+    return stack
 
 
 def _sampling(args) -> SamplingConfig:
@@ -158,20 +176,21 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     parser.add_argument('--alpha', type=float, default=1.0, help='length normalisation')
     args = parser.parse_args(argv)
     try:
-        session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
-        if args.beam:
-            config = BeamConfig(width=args.beam_width, min_width=args.min_width,
-                                max_width=args.max_width, alpha=args.alpha,
-                                adaptive=not args.fixed_width)
-            text, widths = session.beam_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                             config=config, stop=args.stop)
-            out.write(text + '\n')
-            print(f'[beam widths] {widths}', file=err)
-        else:
-            session.stream_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                sampling=_sampling(args), seed=args.seed, stop=args.stop,
-                                out=out)
-            out.write('\n')
+        with _wakeup(args, err):
+            session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
+            if args.beam:
+                config = BeamConfig(width=args.beam_width, min_width=args.min_width,
+                                    max_width=args.max_width, alpha=args.alpha,
+                                    adaptive=not args.fixed_width)
+                text, widths = session.beam_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                                 config=config, stop=args.stop)
+                out.write(text + '\n')
+                print(f'[beam widths] {widths}', file=err)
+            else:
+                session.stream_text(args.prompt, max_new_tokens=args.max_new_tokens,
+                                    sampling=_sampling(args), seed=args.seed, stop=args.stop,
+                                    out=out)
+                out.write('\n')
     except ValueError as e:  # bad flags, prompt or checkpoint: a message, not a traceback
         print(f'error: {e}', file=err)
         return 2
@@ -191,24 +210,26 @@ def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
     try:
         session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
         sampling = _sampling(args)
+        wakeup = _wakeup(args, err)
     except ValueError as e:
         print(f'error: {e}', file=err)
         return 2
     stop = list(args.stop) + (list(CHAT_STOP) if args.template == 'chat' else [])
-    out.write("Type a message; 'exit' quits.\n")
-    for turn in range(1 << 30):
-        out.write('User: ')
-        out.flush()
-        line = stdin.readline()
-        if not line or line.strip() in ('exit', 'quit'):
-            break
-        text = line.rstrip('\n')
-        prompt = format_prompt(text) if args.template == 'chat' else text
-        out.write('Assistant: ')
-        try:
-            session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                seed=args.seed + turn, stop=stop, out=out)
-        except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
-            print(f'error: {e}', file=err)
-        out.write('\n')
+    with wakeup:
+        out.write("Type a message; 'exit' quits.\n")
+        for turn in range(1 << 30):
+            out.write('User: ')
+            out.flush()
+            line = stdin.readline()
+            if not line or line.strip() in ('exit', 'quit'):
+                break
+            text = line.rstrip('\n')
+            prompt = format_prompt(text) if args.template == 'chat' else text
+            out.write('Assistant: ')
+            try:
+                session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                    seed=args.seed + turn, stop=stop, out=out)
+            except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
+                print(f'error: {e}', file=err)
+            out.write('\n')
     return 0

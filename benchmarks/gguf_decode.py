@@ -9,13 +9,18 @@ each file measures
 Our params are float32 whatever the file type (load_gguf dequantises), so the F16 row
 compares llama.cpp reading 2-byte weights with us reading 4-byte ones.
 
+With --wakeup_latency_us N both sides run while this process holds a CPU wake-up latency
+request (`decoding.wakeup`, Linux PM QoS, needs root; see decode_speed.py).
+
 Usage: python benchmarks/gguf_decode.py [--small] [--threads 2] [--steps 32]
+       [--wakeup_latency_us 0]
 (the full size needs ~15 GB RAM for F32: 4.4 GB file, params and the writer's copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -127,7 +132,16 @@ def main():
     parser.add_argument('--steps', type=int, default=32)
     parser.add_argument('--ftypes', default='f32,f16')
     parser.add_argument('--dir', default=None, help='where to write the GGUF files')
+    parser.add_argument('--wakeup_latency_us', type=int, default=None,
+                        help='hold this CPU wake-up latency request for the whole run')
     args = parser.parse_args()
+    from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
+    with (contextlib.nullcontext() if args.wakeup_latency_us is None
+          else cpu_wakeup_latency(args.wakeup_latency_us, required=True)):
+        run(args)
+
+
+def run(args):
     from rustgpt_jax.config import ModelConfig, tinyllama_1_1b
     from rustgpt_jax.interop.gguf import save_gguf
 
@@ -151,8 +165,9 @@ def main():
                 row['llama_cpp_error'] = str(e)
             rows.append(row)
             os.remove(path)
+    wakeup = 'default' if args.wakeup_latency_us is None else f'{args.wakeup_latency_us} us'
     print(f'copy bandwidth {bandwidth / 1e9:.1f} GB/s, threads {args.threads}, '
-          f'{"small" if args.small else "TinyLlama-1.1B"} shapes')
+          f'{"small" if args.small else "TinyLlama-1.1B"} shapes, idle wake-up {wakeup}')
     print(f'{"ftype":6} {"file GB":>8} {"load ours":>10} {"load llama":>10} {"tok/s ours":>11} '
           f'{"tok/s llama":>11} {"ours/llama":>10} {"bound":>8}')
     for r in rows:
@@ -163,7 +178,7 @@ def main():
               f'{r["ours"]["tokens_per_s"] / lc["tokens_per_s"]:10.2f} '
               f'{r["bound_tokens_per_s"]:8.1f}')
     print(json.dumps({'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
-                      'small': args.small, 'rows': rows}))
+                      'small': args.small, 'wakeup': wakeup, 'rows': rows}))
 
 
 if __name__ == '__main__':

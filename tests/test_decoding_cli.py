@@ -5,6 +5,7 @@ import os
 
 import pytest
 from test_decoding_support import init_params, tiny_config
+from test_decoding_wakeup import one_request_test_at_a_time
 
 from rustgpt_jax.data import CharTokenizer, format_prompt
 from rustgpt_jax.decoding import cli, generate, left_pad, truncate_at_stop
@@ -99,10 +100,12 @@ def test_generate_holds_the_wakeup_request_while_decoding(loaded, monkeypatch):
     monkeypatch.setattr(cli.Session, 'stream_text', recording)
     argv = ['--checkpoint', 'x', '--prompt', 'hello', '--temperature', '0',
             '--max_new_tokens', NEW, '--wakeup_latency_us', '0']
-    code, out, err = _main(cli.generate_main, argv)
+    with one_request_test_at_a_time():
+        code, out, err = _main(cli.generate_main, argv)
+        after = wakeup.current_wakeup_latency() if access else None
     assert code == 0 and out == _greedy_text(loaded, loaded[2].encode('hello')) + '\n'
     if access:
-        assert seen == [0] and wakeup.current_wakeup_latency() > 0
+        assert seen == [0] and after > 0
     else:
         assert '[note]' in err and 'cpu_dma_latency' in err
     code, out, err = _main(cli.generate_main, argv[:-1] + ['-1'])

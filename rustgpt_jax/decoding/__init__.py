@@ -21,10 +21,12 @@ from rustgpt_jax.decoding.sampling import (
     top_p_filter,
 )
 from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
+from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency, current_wakeup_latency
 
 __all__ = [
     'BeamConfig', 'BeamOutput', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
-    'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'decode_step',
+    'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'cpu_wakeup_latency',
+    'current_wakeup_latency', 'decode_step',
     'default_row_blocks', 'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad',
     'prefill', 'prepare_for_decode',
     'prompt_positions', 'reorder_cache', 'sample_logits', 'stream', 'top_k_filter',

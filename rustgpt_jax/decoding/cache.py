@@ -219,9 +219,10 @@ def default_row_blocks(config: ModelConfig, backend: Optional[str] = None) -> tu
     """`matvec_row_blocks` for batch-1 decoding on `backend` (default: JAX's).
 
     On CPU the feed-forward down projection (D, F) is split into two row blocks:
-    XLA:CPU's single-threaded matrix-vector product streamed the 110M benchmark's
-    768 x 2048 kernel at 20-22 GB/s and two 384 x 2048 blocks at 27-33 GB/s, while q/k/v,
-    o and gate/up kernels gained nothing (benchmarks/decode_speed.py prints both forms).
+    XLA:CPU's matrix-vector product (Eigen, shared out over the pool threads) streamed
+    the 110M benchmark model's 768 x 2048 kernel at 20-22 GB/s and two 384 x 2048 blocks
+    at 27-33 GB/s, while q/k/v, o and gate/up kernels gained nothing
+    (benchmarks/decode_speed.py prints both forms).
     Other backends: no blocks.
     """
     backend = backend or jax.default_backend()

@@ -1,12 +1,13 @@
 """Hold a CPU wake-up latency request (Linux PM QoS) while decoding on CPU.
 
-A batch-1 decode step on XLA:CPU is a chain of ~50 matrix-vector products, and after
-each one the step continues on another thread of XLA's pool, which has usually gone
-idle meanwhile. On a virtual machine an idle vCPU halts, and waking it costs tens of
-microseconds: about 28 us after every large product of the 110M benchmark model, ~1.2 ms
-of a ~18.5 ms token (a profiler trace; RESULTS.md). Writing a latency bound to
+A batch-1 decode step on XLA:CPU is a chain of ~50 matrix-vector products. Each is
+shared out over the pool threads, and the step goes on as a new pool task when it ends;
+in between, the other thread has usually gone idle. On a virtual machine an idle vCPU
+halts, and waking it costs tens of microseconds: a profiler trace of the 110M benchmark
+model showed the second thread joining a product 25-70 us late and ~1.5 ms of a ~18.5 ms
+token spent waiting (benchmarks/RESULTS.md). Writing a latency bound to
 `/dev/cpu_dma_latency` asks the kernel to keep idle CPUs in states that wake within it
-(0: poll instead of halting), which removes those gaps.
+(0: poll instead of halting), which removes most of that wait.
 
 The request lasts exactly as long as the file stays open: the kernel drops it when the
 descriptor closes, also when the process dies, so nothing outlives the context. Opening

@@ -30,8 +30,8 @@ class Projection(nn.Module):
         about 20% faster: each output is one contiguous dot product.
       row_blocks: (output-major only) evaluate the (out, in) kernel as a batched dot
         over this many blocks of out / row_blocks rows when x has at most
-        MATVEC_MAX_ROWS rows: the same products, but XLA:CPU's single-threaded
-        matrix-vector product streams some shapes much faster split
+        MATVEC_MAX_ROWS rows: the same products, but XLA:CPU's matrix-vector product
+        (Eigen, shared out over the pool threads) streams some shapes much faster split
         (`ModelConfig.matvec_row_blocks`). The reshape of the kernel is free.
     """
     features: tuple

@@ -18,15 +18,15 @@ Printed (table + JSON):
   * KV-cache bytes against the generated length for full causal attention and a
     sliding window (flat beyond W: the cache is a ring of W slots).
 
-Both sides are timed twice (--wakeup both, the default): at the machine's default CPU
-idle states, then holding a 0 us wake-up latency request (`decoding.wakeup`, Linux PM
-QoS; needs root, else that half is left out with a note). On a VM an idle vCPU halts and
-XLA:CPU resumes a decode step on another pool thread after every large product, so the
-request mostly helps the JAX side; every ratio compares the two sides under the same
-setting.
+Both sides are timed under each CPU idle setting named by --wakeup (default: both):
+'default' (the machine's idle states) and '0us' (this process holds a 0 us wake-up latency
+request, `decoding.wakeup.cpu_wakeup_latency`, Linux PM QoS; needs root, else left out
+with a note). On a VM an idle vCPU halts, and XLA:CPU shares each product over its pool
+threads and resumes the step on another pool thread after it, so the request mostly
+helps the JAX side; every ratio compares the two sides under the same setting.
 
-Usage: python benchmarks/decode_speed.py [--batches 1 8] [--repeats 3] [--wakeup both]
-       [--json out.json]
+Usage: python benchmarks/decode_speed.py [--batches 1 8] [--repeats 3]
+       [--wakeup default 0us] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ from rustgpt_jax.decoding.cache import _cache_shapes
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
 from rustgpt_jax.models import build_model
+
+# CPU idle settings (--wakeup): context managers; one that yields False was not applied.
+SETTINGS = {'default': lambda: contextlib.nullcontext(True),
+            '0us': lambda: cpu_wakeup_latency(0)}
 
 MODEL = dict(vocab_size=32000, embed_dim=768, hidden_dim=2048, num_layers=12, num_heads=12,
              num_kv_heads=12, max_seq_len=256)
@@ -135,9 +139,8 @@ def main():
     parser.add_argument('--repeats', type=int, default=2)
     parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
     parser.add_argument('--scanned', action='store_true', help='also time the scanned stack')
-    parser.add_argument('--wakeup', choices=('default', 'zero', 'both'), default='both',
-                        help='CPU idle wake-up latency: machine default, a 0 us request, '
-                             'or each in turn')
+    parser.add_argument('--wakeup', nargs='+', choices=SETTINGS, default=list(SETTINGS),
+                        help='CPU idle settings to time both sides under, in turn')
     parser.add_argument('--json', default=None, help='also write the results here')
     args = parser.parse_args()
 
@@ -171,18 +174,16 @@ def main():
     header = (f'{"idle wake-up":<12} {"impl":<14} {"batch":>5} {"e2e tok/s":>10} '
               f'{"decode tok/s":>13} {"vs HF decode":>12} {"of bound":>9} {"greedy = HF":>11}')
     print(header)
-    settings = {'default': ['default'], 'zero': ['0 us'], 'both': ['default', '0 us']}
-    for wakeup in settings[args.wakeup]:
-        request = (cpu_wakeup_latency(0) if wakeup == '0 us'
-                   else contextlib.nullcontext(True))
-        with request as held:
-            if not held:
+    for wakeup in args.wakeup:
+        with SETTINGS[wakeup]() as held:
+            if held is False:
                 print(f'{wakeup:<12} left out: no wake-up latency request (see the warning)')
                 continue
             rng = np.random.default_rng(0)  # the same prompts under every setting
             for batch in args.batches:
                 prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
                 results['rows'] += time_batch(hf_model, variants, prompts, args, bound, wakeup)
+
     print('\nKV-cache bytes per sequence (float32) against the generated length')
     lengths = [256, 1024, 4096, 16384]
     window = 256

@@ -4,10 +4,11 @@ A ~110M-parameter llama-shaped model (dim 768, 12 layers, 12 heads, FFN 2048, vo
 32000) is initialised by `transformers` (torch, CPU, float32) and loaded into
 rustgpt_jax through `interop.hf.params_from_hf`. Both sides decode greedily, with a
 KV cache, a 128-token prompt and exactly 128 new tokens, at batch 1 and 8, in one run.
-Three JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers, packed
-projections and, on CPU, the FFN down projection in two row blocks; what the CLIs use),
-'jax whole rows' (the same without row blocks) and 'jax unrolled' (the training layout,
-unrolled).
+Four JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers, packed
+projections and, on CPU, the `kernels.cpu_gemv` matrix-vector kernel where it builds;
+what the CLIs use), 'jax xla dot' (the same with XLA's dot and the FFN down projection in
+two row blocks), 'jax whole rows' (XLA's dot without row blocks) and 'jax unrolled' (the
+training layout, unrolled).
 
 Printed (table + JSON):
   * tokens/s end to end (prefill + decode) and for the decode phase alone (the
@@ -46,6 +47,7 @@ from rustgpt_jax.decoding import generate, prepare_for_decode, unstack_layers
 from rustgpt_jax.decoding.cache import _cache_shapes
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
+from rustgpt_jax.kernels import cpu_gemv
 from rustgpt_jax.models import build_model
 
 # CPU idle settings (--wakeup): context managers; one that yields False was not applied.
@@ -153,11 +155,17 @@ def main():
     hf_model = transformers.LlamaForCausalLM(hf_config_from(base)).eval()
     config = config_from_hf(hf_model.config, max_seq_len=base.max_seq_len)
     params = params_from_hf(hf_model.state_dict(), config)
-    # 'jax packed' is what the CLIs decode with (decoding.prepare_for_decode); 'jax whole
-    # rows' drops its matvec row blocks; 'jax unrolled' keeps the training layout of the
+    # 'jax packed' is what the CLIs decode with (decoding.prepare_for_decode); 'jax xla
+    # dot' uses XLA's dot (with row blocks) instead of the cpu_gemv kernel; 'jax whole
+    # rows' drops the row blocks too; 'jax unrolled' keeps the training layout of the
     # projections (nn.packing).
-    variants = {'jax packed': prepare_for_decode(config, params),
-                'jax whole rows': prepare_for_decode(config, params, row_blocks=()),
+    packed = prepare_for_decode(config, params)
+    print(f'jax packed: matvec_impl={packed[0].matvec_impl.value!r}'
+          + ('' if cpu_gemv.available() else f' ({cpu_gemv.unavailable_reason()})'))
+    variants = {'jax packed': packed,
+                'jax xla dot': prepare_for_decode(config, params, matvec_impl='xla'),
+                'jax whole rows': prepare_for_decode(config, params, row_blocks=(),
+                                                     matvec_impl='xla'),
                 'jax unrolled': unstack_layers(config, params)}
     if args.scanned:  # the nn.scan layer stack, for comparison (one more compile)
         variants['jax scanned'] = (config, params)

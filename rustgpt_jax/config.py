@@ -42,6 +42,12 @@ class WindowStrategy(enum.Enum):
     PERPLEXITY = 'perplexity'
 
 
+class MatvecImpl(enum.Enum):
+    """Which product computes packed projections of at most 8 rows (decode steps)."""
+    XLA = 'xla'  # XLA's dot
+    CPU_GEMV = 'cpu_gemv'  # the XLA FFI kernel of rustgpt_jax.kernels.cpu_gemv (CPU only)
+
+
 class AttentionImpl(enum.Enum):
     """Which kernel computes softmax(q k^T) v; all share one mask predicate."""
     REFERENCE = 'reference'  # dense einsum, float32 softmax
@@ -84,6 +90,7 @@ _ENUM_FIELDS = {
         'norm_placement': NormPlacement,
         'window_strategy': WindowStrategy,
         'attention_impl': AttentionImpl,
+        'matvec_impl': MatvecImpl,
         'attention_variant': AttentionVariant,
         'architecture': Architecture,
     'precision_policy': PrecisionPolicy,
@@ -128,6 +135,11 @@ class ModelConfig:
             (768 x 2048: 20-22 GB/s, as 2 x 384 x 2048: 27-33 GB/s; nn.dense); decoding on
             CPU sets it (`decoding.prepare_for_decode`). Names: qkv_proj, o_proj, w13,
             w2, up, down; out must divide by blocks.
+        matvec_impl: 'xla' or 'cpu_gemv': packed projections of at most 8 input rows in
+            float32 (decode steps) through XLA's dot or the CPU kernel of
+            `kernels.cpu_gemv` (XLA's dot on other platforms, or where the kernel cannot
+            be built). The same products; decoding on CPU sets it
+            (`decoding.prepare_for_decode`).
     """
     vocab_size: int = 256
     embed_dim: int = 128
@@ -169,6 +181,7 @@ class ModelConfig:
     init_std: float = 0.02
     packed_projections: bool = False
     matvec_row_blocks: tuple = ()
+    matvec_impl: MatvecImpl = MatvecImpl.XLA
 
     def __post_init__(self):
         for name, enum_cls in _ENUM_FIELDS.items():
@@ -260,6 +273,9 @@ class ModelConfig:
         except (TypeError, ValueError):
             _fail('matvec_row_blocks', f'must be a tuple of (projection name, blocks) pairs, '
                   f'got {self.matvec_row_blocks!r}')
+        if self.matvec_impl != MatvecImpl.XLA and not self.packed_projections:
+            _fail('matvec_impl', f'{self.matvec_impl.value!r} applies to packed (output-major) '
+                  'kernels: set packed_projections=True as well')
         if blocks and not self.packed_projections:
             _fail('matvec_row_blocks', 'applies to packed (output-major) kernels: set '
                   'packed_projections=True as well')

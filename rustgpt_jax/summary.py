@@ -27,7 +27,8 @@ from rustgpt_jax.config import (
 # Fields that change what a model computes; dtypes, remat, scan and kernels do not.
 _RUNTIME_FIELDS = frozenset({'dtype', 'param_dtype', 'remat_policy', 'scan_layers',
                              'attention_impl', 'init_std', 'dropout_rate',
-                             'packed_projections', 'matvec_row_blocks'})
+                             'packed_projections', 'matvec_row_blocks',
+                             'matvec_impl'})
 
 _DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 

@@ -60,14 +60,21 @@ def test_packed_gradients_are_packed_standard_gradients():
                            packed_grads, pack_projections(config, grads)[1])
 
 
-def test_decode_form_cached_logits_equal_full_forward():
-    config = tiny_config(num_kv_heads=2, window_size=4, max_seq_len=8)
+@pytest.mark.parametrize('matvec_impl,tie', [('xla', False), ('cpu_gemv', False),
+                                             ('cpu_gemv', True)])
+def test_decode_form_cached_logits_equal_full_forward(matvec_impl, tie):
+    # cpu_gemv: packed kernels and the output head ((D, V), or the tied (V, D) table).
+    if matvec_impl == 'cpu_gemv':
+        from test_cpu_gemv import _require_kernel
+        _require_kernel()
+    config = tiny_config(num_kv_heads=2, window_size=4, max_seq_len=8, tie_embeddings=tie)
     params = init_params(config)
-    decode_config, decode_params = prepare_for_decode(config, params)
+    decode_config, decode_params = prepare_for_decode(config, params, matvec_impl=matvec_impl)
     assert decode_config.packed_projections and not decode_config.scan_layers
+    assert decode_config.matvec_impl.value == matvec_impl
     # Every starting layout reaches the same decode form: unrolled, or already packed.
     for start in (unstack_layers(config, params), pack_projections(config, params)):
-        other_config, other = prepare_for_decode(*start)
+        other_config, other = prepare_for_decode(*start, matvec_impl=matvec_impl)
         assert other_config == decode_config
         jax.tree_util.tree_map(np.testing.assert_array_equal, other, decode_params)
     rng = np.random.default_rng(3)
@@ -189,3 +196,45 @@ def test_projection_rejects_row_blocks_that_do_not_divide_its_rows():
     for rows in (1, 32):  # within and beyond MATVEC_MAX_ROWS
         with pytest.raises(ValueError, match='12 output rows do not split into 5 row blocks'):
             layer.apply({'params': {'kernel': kernel}}, np.zeros((rows, 5), np.float32))
+
+
+def test_matvec_impl_is_validated_and_chosen_per_backend():
+    from rustgpt_jax.decoding import default_matvec_impl
+    from rustgpt_jax.kernels import cpu_gemv
+    with pytest.raises(ValueError, match='ModelConfig.matvec_impl') as error:
+        tiny_config(packed_projections=True, matvec_impl='fast')
+    assert "'xla'" in str(error.value) and "'cpu_gemv'" in str(error.value)
+    with pytest.raises(ValueError, match='set packed_projections=True'):
+        tiny_config(matvec_impl='cpu_gemv')
+    config = tiny_config()
+    assert default_matvec_impl(config, 'gpu') == 'xla'
+    assert default_matvec_impl(tiny_config(dtype='bfloat16'), 'cpu') == 'xla'
+    assert default_matvec_impl(config, 'cpu') == ('cpu_gemv' if cpu_gemv.available() else 'xla')
+    # An explicit choice is kept; unpacking drops it with the packed layout.
+    params = init_params(config)
+    decode_config, decode_params = prepare_for_decode(config, params, matvec_impl='xla')
+    assert decode_config.matvec_impl.value == 'xla'
+    kept, kept_params = prepare_for_decode(decode_config.replace(matvec_impl='cpu_gemv'),
+                                           decode_params)
+    assert kept.matvec_impl.value == 'cpu_gemv'
+    assert unpack_projections(kept, kept_params)[0] == config.replace(scan_layers=False)
+
+
+def test_cpu_gemv_falls_back_to_xla_with_a_warning_where_it_cannot_run(monkeypatch):
+    from rustgpt_jax.kernels import cpu_gemv
+    config = tiny_config(num_kv_heads=2)
+    params = init_params(config)
+    packed_config, packed = pack_projections(config, params)
+    gemv_config = packed_config.replace(matvec_impl='cpu_gemv')
+    tokens = _tokens()[:1, :6]  # 6 rows: within the kernel's 8
+    expected = full_logits(build_model(config), params, tokens)
+    cpu_gemv.available()  # settle the real state before faking it
+    monkeypatch.setitem(cpu_gemv._state, 'ok', False)
+    monkeypatch.setitem(cpu_gemv._state, 'reason', 'no compiler (test)')
+    cpu_gemv.warn_unavailable_once.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"falls back to XLA's dot: no compiler \(test\)"):
+            got = full_logits(build_model(gemv_config), packed, tokens)
+    finally:
+        cpu_gemv.warn_unavailable_once.cache_clear()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

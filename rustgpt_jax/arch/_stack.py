@@ -81,7 +81,8 @@ def make_embedder(config: ModelConfig) -> Embedder:
         max_seq_len=config.max_seq_len,
         learned_positions=config.positions == PositionType.LEARNED,
         tie_embeddings=config.tie_embeddings, init_std=config.init_std,
-        dtype=config.compute_dtype, param_dtype=config.params_dtype)
+        dtype=config.compute_dtype, param_dtype=config.params_dtype,
+        matvec_impl=config.matvec_impl.value)
 
 
 def prepare_inputs(tokens, positions, config: ModelConfig, decode: bool):

@@ -4,6 +4,7 @@ from rustgpt_jax.decoding.beam import BeamConfig, BeamOutput, adapt_width, beam_
 from rustgpt_jax.decoding.cache import (
     cache_batch_axes,
     context_limit,
+    default_matvec_impl,
     default_row_blocks,
     init_cache,
     left_pad,
@@ -26,9 +27,8 @@ from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency, current_wakeup_laten
 __all__ = [
     'BeamConfig', 'BeamOutput', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
     'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'cpu_wakeup_latency',
-    'current_wakeup_latency', 'decode_step',
-    'default_row_blocks', 'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad',
-    'prefill', 'prepare_for_decode',
-    'prompt_positions', 'reorder_cache', 'sample_logits', 'stream', 'top_k_filter',
-    'top_p_filter', 'truncate_at_stop', 'unstack_layers',
+    'current_wakeup_latency', 'decode_step', 'default_matvec_impl', 'default_row_blocks',
+    'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad', 'prefill',
+    'prepare_for_decode', 'prompt_positions', 'reorder_cache', 'sample_logits', 'stream',
+    'top_k_filter', 'top_p_filter', 'truncate_at_stop', 'unstack_layers',
 ]

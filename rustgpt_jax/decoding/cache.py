@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rustgpt_jax.config import FeedForwardType, ModelConfig, PositionType
+from rustgpt_jax.config import FeedForwardType, MatvecImpl, ModelConfig, PositionType
+from rustgpt_jax.kernels import cpu_gemv
 from rustgpt_jax.nn.packing import pack_blocks, pack_projections
 
 # Single prompts are left-padded to a multiple of this, so a chat session reuses a few
@@ -186,18 +187,20 @@ def unstack_layers(config: ModelConfig, params,
     return config.replace(scan_layers=False), params
 
 
-def prepare_for_decode(config: ModelConfig, params,
-                       row_blocks: Optional[tuple] = None) -> tuple[ModelConfig, dict]:
+def prepare_for_decode(config: ModelConfig, params, row_blocks: Optional[tuple] = None,
+                       matvec_impl: Optional[str] = None) -> tuple[ModelConfig, dict]:
     """The fastest decode form of a model: unrolled layers, packed projections.
 
-    All are layout changes of the same function (`unstack_layers`,
-    `nn.packing.pack_projections`, `ModelConfig.matvec_row_blocks`); the CLIs and
-    benchmarks decode through this.
+    All are layout or kernel changes of the same function (`unstack_layers`,
+    `nn.packing.pack_projections`, `ModelConfig.matvec_row_blocks` and `matvec_impl`);
+    the CLIs and benchmarks decode through this.
 
     Args:
       config, params: a model as trained or imported (any layout).
       row_blocks: `ModelConfig.matvec_row_blocks` of the result; None keeps the
         config's, or if it has none picks `default_row_blocks` for the backend.
+      matvec_impl: `ModelConfig.matvec_impl` of the result ('xla' or 'cpu_gemv'); None
+        keeps a config's 'cpu_gemv', or picks `default_matvec_impl` for the backend.
 
     Returns:
       (config, params) to build the decoding model from.
@@ -212,7 +215,23 @@ def prepare_for_decode(config: ModelConfig, params,
         config = config.replace(packed_projections=True)
     if row_blocks is None:
         row_blocks = config.matvec_row_blocks or default_row_blocks(config)
-    return config.replace(matvec_row_blocks=tuple(row_blocks)), params
+    if matvec_impl is None:
+        matvec_impl = (config.matvec_impl if config.matvec_impl != MatvecImpl.XLA
+                       else default_matvec_impl(config))
+    return config.replace(matvec_row_blocks=tuple(row_blocks), matvec_impl=matvec_impl), params
+
+
+def default_matvec_impl(config: ModelConfig, backend: Optional[str] = None) -> str:
+    """`matvec_impl` for decoding on `backend` (default: JAX's).
+
+    'cpu_gemv' on CPU for float32 models where the kernel builds
+    (`kernels.cpu_gemv.available()`): batch-1 decoding of the 134M benchmark model was
+    faster with it (benchmarks/decode_speed.py prints both). Otherwise 'xla'.
+    """
+    backend = backend or jax.default_backend()
+    if backend != 'cpu' or config.dtype != 'float32' or config.param_dtype != 'float32':
+        return 'xla'
+    return 'cpu_gemv' if cpu_gemv.available() else 'xla'
 
 
 def default_row_blocks(config: ModelConfig, backend: Optional[str] = None) -> tuple:

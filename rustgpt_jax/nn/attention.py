@@ -57,6 +57,7 @@ class Attention(nn.Module):
     entropy_rows: int = 64
     packed: bool = False
     row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
+    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):

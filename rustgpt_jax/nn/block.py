@@ -27,7 +27,8 @@ def make_feed_forward(config: ModelConfig, name: str) -> nn.Module:
     return cls(hidden_dim=config.hidden_dim, use_bias=config.use_bias,
                init_std=config.init_std, dtype=config.compute_dtype,
                param_dtype=config.params_dtype, packed=config.packed_projections,
-               row_blocks=config.matvec_row_blocks, name=name)
+               row_blocks=config.matvec_row_blocks, matvec_impl=config.matvec_impl.value,
+               name=name)
 
 
 class Block(nn.Module):
@@ -61,7 +62,7 @@ class Block(nn.Module):
             adaattn_rank_threshold=cfg.adaattn_rank_threshold,
             precision_policy=cfg.precision_policy, with_entropy=with_entropy,
             packed=cfg.packed_projections, row_blocks=cfg.matvec_row_blocks,
-            name='attention')
+            matvec_impl=cfg.matvec_impl.value, name='attention')
 
         def attend(h):
             if not with_entropy:

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rustgpt_jax.kernels import cpu_gemv
+
 # Row blocks apply to matrix-vector-like products only (decode steps up to batch 8):
 # a batch-8 prompt of 128 tokens (1,024 rows) prefilled 1.6x slower in blocks, while
 # batch-1 and batch-8 decode steps were faster (benchmarks/decode_speed.py).
@@ -33,12 +35,16 @@ class Projection(nn.Module):
         MATVEC_MAX_ROWS rows: the same products, but XLA:CPU's matrix-vector product
         (Eigen, shared out over the pool threads) streams some shapes much faster split
         (`ModelConfig.matvec_row_blocks`). The reshape of the kernel is free.
+      matvec_impl: (output-major only) 'cpu_gemv' computes products of at most
+        MATVEC_MAX_ROWS float32 rows with `kernels.cpu_gemv` (row blocks then do not
+        apply on CPU); 'xla' with XLA's dot (`ModelConfig.matvec_impl`).
     """
     features: tuple
     kernel_axes: tuple
     contract: int = 1
     output_major: bool = False
     row_blocks: int = 1
+    matvec_impl: str = 'xla'
     use_bias: bool = False
     init_std: float = 0.02
     dtype: Any = jnp.float32
@@ -72,7 +78,10 @@ class Projection(nn.Module):
                 raise ValueError(f'{self.name}: {rows} output rows do not split into '
                                  f'{blocks} row blocks')
             x2 = x.reshape(lead + (-1,)).astype(self.dtype)  # (..., in)
-            if blocks == 1 or math.prod(lead) > MATVEC_MAX_ROWS:
+            if cpu_gemv.applies(self.matvec_impl, math.prod(lead), x2, kernel):
+                y = cpu_gemv.gemv(x2.reshape(-1, x2.shape[-1]), kernel.reshape(rows, -1))
+                y = y.reshape(lead + (rows,))
+            elif blocks == 1 or math.prod(lead) > MATVEC_MAX_ROWS:
                 y = jnp.einsum('...i,oi->...o', x2, kernel.reshape(rows, -1).astype(self.dtype))
             else:
                 # The block axis leads on both sides: XLA runs it as one batched dot
@@ -98,8 +107,8 @@ def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
     """Applies a `Projection` named `name` inside `module`'s compact scope.
 
     Reads `use_bias`, `init_std`, `dtype`, `param_dtype` and (if it has them) `packed`,
-    which selects the output-major kernel layout, and `row_blocks` ((name, blocks)
-    pairs, `ModelConfig.matvec_row_blocks`) from `module`.
+    which selects the output-major kernel layout, `row_blocks` ((name, blocks)
+    pairs, `ModelConfig.matvec_row_blocks`) and `matvec_impl` from `module`.
 
     Args:
       module: the calling module (its fields configure the projection).
@@ -116,5 +125,6 @@ def dense(module: nn.Module, name: str, x, features, kernel_axes: Sequence[str],
     return Projection(features=features, kernel_axes=tuple(kernel_axes), contract=contract,
                       output_major=getattr(module, 'packed', False),
                       row_blocks=dict(getattr(module, 'row_blocks', ())).get(name, 1),
+                      matvec_impl=getattr(module, 'matvec_impl', 'xla'),
                       use_bias=module.use_bias, init_std=module.init_std, dtype=module.dtype,
                       param_dtype=module.param_dtype, name=name)(x)

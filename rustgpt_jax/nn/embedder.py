@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rustgpt_jax.kernels import cpu_gemv
 from rustgpt_jax.nn import axes
 
 
 class Embedder(nn.Module):
-    """Embeds tokens; with `tie_embeddings` also decodes with the transposed table."""
+    """Embeds tokens; with `tie_embeddings` also decodes with the transposed table.
+
+    `matvec_impl` ('xla' or 'cpu_gemv', `ModelConfig.matvec_impl`): with 'cpu_gemv' the
+    output head of at most `kernels.cpu_gemv.MAX_ROWS` float32 rows (decode steps) runs
+    through that kernel, reading the (D, V) head or the tied (V, D) table in place.
+    """
     vocab_size: int
     embed_dim: int
     max_seq_len: int
@@ -20,6 +27,7 @@ class Embedder(nn.Module):
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    matvec_impl: str = 'xla'
 
     def setup(self):
         init = nn.initializers.normal(self.init_std)
@@ -47,6 +55,12 @@ class Embedder(nn.Module):
 
     def decode(self, x):
         """Args: x (B, T, D). Returns float32 logits (B, T, V)."""
+        rows = math.prod(x.shape[:-1])
+        table = self.token_embedding if self.tie_embeddings else self.lm_head
+        if cpu_gemv.applies(self.matvec_impl, rows, x.astype(self.dtype), table):
+            y = cpu_gemv.gemv(x.reshape(rows, -1).astype(self.dtype), table,
+                              not self.tie_embeddings)  # the (D, V) head is input-major
+            return y.reshape(x.shape[:-1] + (-1,))
         table = self.token_embedding.T if self.tie_embeddings else self.lm_head  # (D, V)
         logits = jnp.einsum('BTD,DV->BTV', x.astype(self.dtype), table.astype(self.dtype),
                             preferred_element_type=jnp.float32)

@@ -21,6 +21,7 @@ class ReluFeedForward(nn.Module):
     use_bias: bool = True
     packed: bool = False
     row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
+    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -65,6 +66,7 @@ class SwiGLU(nn.Module):
     use_bias: bool = False
     packed: bool = False
     row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
+    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -171,7 +171,8 @@ def unpack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     unpacked = _map_blocks(
         dict(params), lambda a: _unpack_attention(a, config.num_heads, config.num_kv_heads),
         _unpack_ffn)
-    return config.replace(packed_projections=False, matvec_row_blocks=()), unpacked
+    return config.replace(packed_projections=False, matvec_row_blocks=(),
+                          matvec_impl='xla'), unpacked
 
 
 def as_configured(config: ModelConfig, standard_params) -> dict:

@@ -37,7 +37,8 @@ class Transformer(nn.Module):
             vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, max_seq_len=cfg.max_seq_len,
             learned_positions=cfg.positions == PositionType.LEARNED,
             tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
-            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+            dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            matvec_impl=cfg.matvec_impl.value)
         if cfg.norm_placement == NormPlacement.PRE:
             self.final_norm = make_norm(cfg, 'final_norm')
 

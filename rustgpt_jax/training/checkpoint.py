@@ -35,8 +35,9 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 # but had lost its 'meta' item (seen once in tests/test_checkpoint.py's kill test).
 TRASH_SUBDIR = '.deleted'
 # Implementation choices with identical mathematics: a checkpoint may be resumed with
-# another attention kernel, remat policy or matvec row split. Every other field must match.
-RUNTIME_FIELDS = ('attention_impl', 'remat_policy', 'matvec_row_blocks')
+# another attention kernel, remat policy, matvec row split or matvec kernel. Every other
+# field must match.
+RUNTIME_FIELDS = ('attention_impl', 'remat_policy', 'matvec_row_blocks', 'matvec_impl')
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,375 @@
+// y (B, out) = x (B, in) . W in float32 for B <= 8, W output-major (out, in) or
+// input-major (in, out): the decode-step matrix-vector products of packed kernels and of
+// the output head, as XLA FFI custom calls.
+//
+// Why: XLA:CPU shares each such product over its pool threads and resumes the step as a
+// new pool task; on a small VM the other vCPU has usually halted by then, so every
+// product pays a wake-up (benchmarks/RESULTS.md, "decode"). Here the output rows are
+// split between the calling thread and workers that spin briefly between calls
+// (yielding, so XLA's own threads still get the core) before they sleep.
+// Built and loaded by rustgpt_jax/kernels/cpu_gemv.py; needs AVX-512F.
+#include <immintrin.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;  // rows of x; kernels are instantiated for 1..8
+
+// The rows of one product, cut into chunks that the caller and the workers take from a
+// shared ticket: a worker that wakes late finds fewer chunks left (or none) instead of
+// holding the caller up, so the worst case is the caller doing every chunk alone.
+struct Job {
+  std::atomic<const float*> x{nullptr}, w{nullptr};
+  std::atomic<float*> y{nullptr};
+  std::atomic<int64_t> nb{0}, in{0}, out{0}, chunk{0}, chunks{0};
+  std::atomic<bool> input_major{false};
+};
+
+void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb, int64_t in,
+          int64_t out, int64_t r0, int64_t r1);
+
+class SpinPool {
+ public:
+  SpinPool(int threads, int64_t spin_us) : n_(threads), spin_us_(spin_us) {
+    for (int i = 1; i < n_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  int size() const { return n_; }
+
+  // Computes outputs [0, out) of y with the workers, in chunks of `chunk` outputs;
+  // returns false without computing anything if another call holds the pool (XLA may
+  // run two custom calls at once; the caller then computes alone).
+  bool TryRun(bool input_major, const float* x, const float* w, float* y, int64_t nb,
+              int64_t in, int64_t out, int64_t chunk) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    const int64_t chunks = (out + chunk - 1) / chunk;
+    job_.x.store(x, std::memory_order_relaxed);
+    job_.w.store(w, std::memory_order_relaxed);
+    job_.y.store(y, std::memory_order_relaxed);
+    job_.nb.store(nb, std::memory_order_relaxed);
+    job_.in.store(in, std::memory_order_relaxed);
+    job_.out.store(out, std::memory_order_relaxed);
+    job_.chunk.store(chunk, std::memory_order_relaxed);
+    job_.chunks.store(chunks, std::memory_order_relaxed);
+    job_.input_major.store(input_major, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    ticket_.store(gen << 32, std::memory_order_release);  // publishes the job
+    {
+      std::lock_guard<std::mutex> lock(wake_mu_);
+      generation_.store(gen, std::memory_order_release);
+    }
+    wake_cv_.notify_all();
+    TakeChunks();
+    // Chunks a worker took are in flight; yield so it gets the core if it shares ours.
+    while (done_.load(std::memory_order_acquire) != chunks) {
+      _mm_pause();
+      sched_yield();
+    }
+    return true;
+  }
+
+ private:
+  // Takes chunks of the current job until none are left.
+  void TakeChunks() {
+    for (;;) {
+      uint64_t ticket = ticket_.load(std::memory_order_acquire);
+      const int64_t index = static_cast<int64_t>(ticket & 0xffffffffu);
+      // Read before the claim: if the claim succeeds, this job is not finished, so no
+      // later job can have overwritten these fields (its caller waits for every chunk).
+      const int64_t chunks = job_.chunks.load(std::memory_order_relaxed);
+      const int64_t chunk = job_.chunk.load(std::memory_order_relaxed);
+      const int64_t out = job_.out.load(std::memory_order_relaxed);
+      const float* x = job_.x.load(std::memory_order_relaxed);
+      const float* w = job_.w.load(std::memory_order_relaxed);
+      float* y = job_.y.load(std::memory_order_relaxed);
+      const int64_t nb = job_.nb.load(std::memory_order_relaxed);
+      const int64_t in = job_.in.load(std::memory_order_relaxed);
+      const bool input_major = job_.input_major.load(std::memory_order_relaxed);
+      if (index >= chunks) return;
+      if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel))
+        continue;
+      const int64_t r0 = index * chunk;
+      const int64_t r1 = r0 + chunk < out ? r0 + chunk : out;
+      Part(input_major, x, w, y, nb, in, out, r0, r1);
+      done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int k = 1; generation_.load(std::memory_order_acquire) == seen; ++k) {
+        // Yield while spinning: a spinner that keeps the core slowed XLA's own pool
+        // thread so much that decoding got slower overall.
+        _mm_pause();
+        sched_yield();
+        if (k % 64 == 0 &&
+            std::chrono::steady_clock::now() - start > std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lock(wake_mu_);
+          wake_cv_.wait(lock, [&] { return generation_.load() != seen; });
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      TakeChunks();
+    }
+  }
+
+  const int n_;
+  const int64_t spin_us_;
+  Job job_;
+  std::atomic<uint64_t> ticket_{0};  // (job generation << 32) | next chunk index
+  std::atomic<int64_t> done_{0};     // chunks of the current job finished
+  std::atomic<uint64_t> generation_{0};
+  std::mutex run_mu_;
+  std::mutex wake_mu_;
+  std::condition_variable wake_cv_;
+};
+
+int64_t EnvInt(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  return value ? std::atoll(value) : fallback;
+}
+
+SpinPool& Pool() {
+  // Per process: a forked child has none of its parent's workers, so it starts its own
+  // pool rather than wait forever on threads that do not exist. Old pools are leaked
+  // on purpose (their workers may be parked on them).
+  static std::mutex mu;
+  static SpinPool* pool = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lock(mu);
+  if (pool == nullptr || owner != getpid()) {
+    cpu_set_t allowed;  // the CPUs this process may run on (taskset, cgroups)
+    const int64_t cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
+                             ? CPU_COUNT(&allowed)
+                             : static_cast<int64_t>(std::thread::hardware_concurrency());
+    int64_t threads = EnvInt("RGJ_GEMV_THREADS", cpus < 8 ? cpus : 8);
+    threads = threads < 1 ? 1 : threads;
+    pool = new SpinPool(static_cast<int>(threads), EnvInt("RGJ_GEMV_SPIN_US", 1000));
+    owner = getpid();
+  }
+  return *pool;
+}
+
+// Rows [r0, r1) of y, four weight rows at a time (four streams from memory).
+template <int NB>
+void RowsT(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t r0,
+           int64_t r1) {
+  const int64_t full = in / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (in - full)) - 1);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    const float* rows[4] = {w + r * in, w + (r + 1) * in, w + (r + 2) * in, w + (r + 3) * in};
+    __m512 acc[4][NB];
+    for (int k = 0; k < 4; ++k)
+      for (int b = 0; b < NB; ++b) acc[k][b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 16) {
+      for (int k = 0; k < 4; ++k) {
+        const __m512 wv = _mm512_loadu_ps(rows[k] + i);
+        for (int b = 0; b < NB; ++b)
+          acc[k][b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * in + i), acc[k][b]);
+      }
+    }
+    if (tail) {
+      for (int k = 0; k < 4; ++k) {
+        const __m512 wv = _mm512_maskz_loadu_ps(tail, rows[k] + full);
+        for (int b = 0; b < NB; ++b)
+          acc[k][b] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + b * in + full),
+                                      acc[k][b]);
+      }
+    }
+    for (int k = 0; k < 4; ++k)
+      for (int b = 0; b < NB; ++b) y[b * out + r + k] = _mm512_reduce_add_ps(acc[k][b]);
+  }
+  for (; r < r1; ++r) {
+    const float* row = w + r * in;
+    for (int b = 0; b < NB; ++b) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < full; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(x + b * in + i), acc);
+      if (tail)
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, row + full),
+                              _mm512_maskz_loadu_ps(tail, x + b * in + full), acc);
+      y[b * out + r] = _mm512_reduce_add_ps(acc);
+    }
+  }
+}
+
+void Rows(const float* x, const float* w, float* y, int64_t nb, int64_t in, int64_t out,
+          int64_t r0, int64_t r1) {
+  switch (nb) {
+    case 1: return RowsT<1>(x, w, y, in, out, r0, r1);
+    case 2: return RowsT<2>(x, w, y, in, out, r0, r1);
+    case 3: return RowsT<3>(x, w, y, in, out, r0, r1);
+    case 4: return RowsT<4>(x, w, y, in, out, r0, r1);
+    case 5: return RowsT<5>(x, w, y, in, out, r0, r1);
+    case 6: return RowsT<6>(x, w, y, in, out, r0, r1);
+    case 7: return RowsT<7>(x, w, y, in, out, r0, r1);
+    default: return RowsT<8>(x, w, y, in, out, r0, r1);
+  }
+}
+
+// Columns [c0, c1) of y for an input-major W (in, out): y[:, c] += x[:, i] * W[i, c],
+// four rows of W at a time, so each pass streams contiguous segments of four rows; the
+// partial sums of at most kColumns columns per x row stay in cache. Long segments (about
+// 8 chunks per product) matter: 1,000-column chunks streamed the 768 x 32,000 output
+// head at ~26 GB/s, 4,000-column chunks at ~29.5.
+constexpr int64_t kColumns = 4096;
+
+template <int NB>
+void ColsT(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t c0,
+           int64_t c1) {
+  // Partial sums, NB x kColumns: per thread and off the stack (up to 128 KB).
+  struct alignas(64) Lanes { float v[16]; };  // aligned by C++17's operator new
+  thread_local std::vector<Lanes> scratch(kMaxRows * kColumns / 16);
+  float* const sums = reinterpret_cast<float*>(scratch.data());
+  float* acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = sums + b * kColumns;
+  for (int64_t s0 = c0; s0 < c1; s0 += kColumns) {
+    const int64_t width = c1 - s0 < kColumns ? c1 - s0 : kColumns;
+    const int64_t full = width / 16 * 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (width - full)) - 1);
+    for (int b = 0; b < NB; ++b)
+      for (int64_t c = 0; c < width; ++c) acc[b][c] = 0.0f;
+    // Four rows of W per pass (four streams, one update of the partial sums), then the
+    // rows left over one at a time.
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+      const float* r0 = w + i * out + s0;
+      const float* r1 = r0 + out;
+      const float* r2 = r1 + out;
+      const float* r3 = r2 + out;
+      __m512 xb[NB][4];
+      for (int b = 0; b < NB; ++b)
+        for (int k = 0; k < 4; ++k) xb[b][k] = _mm512_set1_ps(x[b * in + i + k]);
+      for (int64_t c = 0; c < full; c += 16) {
+        const __m512 w0 = _mm512_loadu_ps(r0 + c), w1 = _mm512_loadu_ps(r1 + c);
+        const __m512 w2 = _mm512_loadu_ps(r2 + c), w3 = _mm512_loadu_ps(r3 + c);
+        for (int b = 0; b < NB; ++b) {
+          __m512 a = _mm512_load_ps(acc[b] + c);
+          a = _mm512_fmadd_ps(w0, xb[b][0], a);
+          a = _mm512_fmadd_ps(w1, xb[b][1], a);
+          a = _mm512_fmadd_ps(w2, xb[b][2], a);
+          _mm512_store_ps(acc[b] + c, _mm512_fmadd_ps(w3, xb[b][3], a));
+        }
+      }
+      if (tail) {
+        const __m512 w0 = _mm512_maskz_loadu_ps(tail, r0 + full);
+        const __m512 w1 = _mm512_maskz_loadu_ps(tail, r1 + full);
+        const __m512 w2 = _mm512_maskz_loadu_ps(tail, r2 + full);
+        const __m512 w3 = _mm512_maskz_loadu_ps(tail, r3 + full);
+        for (int b = 0; b < NB; ++b) {
+          __m512 a = _mm512_load_ps(acc[b] + full);
+          a = _mm512_fmadd_ps(w0, xb[b][0], a);
+          a = _mm512_fmadd_ps(w1, xb[b][1], a);
+          a = _mm512_fmadd_ps(w2, xb[b][2], a);
+          _mm512_mask_store_ps(acc[b] + full, tail, _mm512_fmadd_ps(w3, xb[b][3], a));
+        }
+      }
+    }
+    for (; i < in; ++i) {
+      const float* row = w + i * out + s0;
+      __m512 xb[NB];
+      for (int b = 0; b < NB; ++b) xb[b] = _mm512_set1_ps(x[b * in + i]);
+      for (int64_t c = 0; c < full; c += 16) {
+        const __m512 wv = _mm512_loadu_ps(row + c);
+        for (int b = 0; b < NB; ++b)
+          _mm512_store_ps(acc[b] + c, _mm512_fmadd_ps(wv, xb[b], _mm512_load_ps(acc[b] + c)));
+      }
+      if (tail) {
+        const __m512 wv = _mm512_maskz_loadu_ps(tail, row + full);
+        for (int b = 0; b < NB; ++b)
+          _mm512_mask_store_ps(acc[b] + full, tail,
+                               _mm512_fmadd_ps(wv, xb[b], _mm512_load_ps(acc[b] + full)));
+      }
+    }
+    for (int b = 0; b < NB; ++b)
+      for (int64_t c = 0; c < width; ++c) y[b * out + s0 + c] = acc[b][c];
+  }
+}
+
+void Cols(const float* x, const float* w, float* y, int64_t nb, int64_t in, int64_t out,
+          int64_t c0, int64_t c1) {
+  switch (nb) {
+    case 1: return ColsT<1>(x, w, y, in, out, c0, c1);
+    case 2: return ColsT<2>(x, w, y, in, out, c0, c1);
+    case 3: return ColsT<3>(x, w, y, in, out, c0, c1);
+    case 4: return ColsT<4>(x, w, y, in, out, c0, c1);
+    case 5: return ColsT<5>(x, w, y, in, out, c0, c1);
+    case 6: return ColsT<6>(x, w, y, in, out, c0, c1);
+    case 7: return ColsT<7>(x, w, y, in, out, c0, c1);
+    default: return ColsT<8>(x, w, y, in, out, c0, c1);
+  }
+}
+
+void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb, int64_t in,
+          int64_t out, int64_t r0, int64_t r1) {
+  if (input_major) return Cols(x, w, y, nb, in, out, r0, r1);
+  Rows(x, w, y, nb, in, out, r0, r1);
+}
+
+// y (B, out) = x (B, in) . W, W (out, in) (`input_major` false) or (in, out) (true).
+ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                ffi::ResultBuffer<ffi::F32> y) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("rgj_gemv: W must be 2-D");
+  const int64_t out = input_major ? wd[1] : wd[0], in = input_major ? wd[0] : wd[1];
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != in)
+    return ffi::Error::InvalidArgument("rgj_gemv: x must be (rows, in) with W's in");
+  const int64_t nb = xd[0];
+  if (nb < 1 || nb > kMaxRows) return ffi::Error::InvalidArgument("rgj_gemv: 1 to 8 rows of x");
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  SpinPool& pool = Pool();
+  // About 32 chunks per product: at least 32 rows (whole four-row groups), or 256
+  // columns (whole 16-lane vectors).
+  const int64_t unit = input_major ? 16 : 4, least = input_major ? 256 : 32;
+  int64_t chunk = (out / (input_major ? 8 : 32) + unit - 1) / unit * unit;
+  chunk = chunk < least ? least : chunk;
+  if (pool.size() == 1 || out <= chunk ||
+      !pool.TryRun(input_major, xp, wp, yp, nb, in, out, chunk))
+    Part(input_major, xp, wp, yp, nb, in, out, 0, out);
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvOutputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  return Gemv(false, x, w, y);
+}
+
+ffi::Error GemvInputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  return Gemv(true, x, w, y);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemv, GemvOutputMajor,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemvInputMajor, GemvInputMajor,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

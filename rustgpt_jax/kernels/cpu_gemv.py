@@ -1,0 +1,203 @@
+"""A CPU matrix-vector kernel for decode steps: an XLA FFI custom call (cpu_gemv.cc).
+
+`ModelConfig.matvec_impl = 'cpu_gemv'` routes the packed (output-major) projections of
+decode steps (at most `MAX_ROWS` input rows, float32) through it. XLA:CPU's own product
+hands each GEMV to its thread pool and resumes the step as a new pool task; on a small
+VM the idle vCPU has halted by then, and the wake-ups cost ~1.5 ms of a ~19 ms token on
+the 134M benchmark model (benchmarks/RESULTS.md). The kernel splits the output rows
+between the calling thread and workers that spin (yielding) for
+`RGJ_GEMV_SPIN_US` microseconds (default 1000) between calls before they sleep.
+
+The shared library is compiled from the shipped source on first use (g++ or `$CXX`,
+about 2 s) into `$RGJ_CACHE_DIR` (default `~/.cache/rustgpt_jax`), keyed by a hash of the
+source, the flags, the compiler and jax's version. Where it cannot be built or run (not
+Linux x86-64, no AVX-512F, no compiler, a failed build) `available()` is False,
+`unavailable_reason()` says why, and projections fall back to XLA's dot.
+
+Environment: `RGJ_GEMV_THREADS` (threads per product, default min(CPUs, 8), read once
+per process), `RGJ_GEMV_SPIN_US`, `RGJ_CACHE_DIR`, `CXX`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 8  # rows of x the kernel takes (decode steps up to batch 8)
+TARGET = 'rgj_gemv'  # W output-major (out, in)
+TARGET_INPUT_MAJOR = 'rgj_gemv_input_major'  # W input-major (in, out)
+SOURCE = Path(__file__).with_name('cpu_gemv.cc')
+FLAGS = ('-O3', '-mavx512f', '-mfma', '-std=c++17', '-shared', '-fPIC')
+
+_lock = threading.Lock()
+_state: dict = {}  # 'ok': bool, 'reason': str, 'path': Path
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: `$RGJ_CACHE_DIR` or ~/.cache/rustgpt_jax."""
+    root = os.environ.get('RGJ_CACHE_DIR')
+    if root:
+        return Path(root)
+    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
+    return Path(base) / 'rustgpt_jax'
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get('CXX')
+    if cxx:
+        return shutil.which(cxx)
+    return shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return any(line.startswith('flags') and ' avx512f' in line for line in f)
+    except OSError:
+        return False
+
+
+def build(directory: Optional[Path] = None) -> Path:
+    """Compiles cpu_gemv.cc (if not already built) and returns the library's path.
+
+    Concurrent builders (pytest-xdist workers, several processes) wait on a file lock
+    and the library appears by an atomic rename, so none loads a half-written file.
+
+    Raises:
+      RuntimeError: naming the missing compiler or the compiler's own error output.
+    """
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError('no C++ compiler found (looked for $CXX, g++, c++, clang++)')
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b'\0'.join([source, ' '.join(FLAGS).encode(), cxx.encode(),
+                                     jax.__version__.encode()])).hexdigest()[:16]
+    directory = Path(directory or cache_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f'cpu_gemv-{key}.so'
+    with open(directory / f'cpu_gemv-{key}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return library
+        partial = library.with_suffix(f'.{os.getpid()}.tmp')
+        command = [cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial),
+                   '-lpthread']
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f'building {SOURCE.name} failed ({" ".join(command)}):\n'
+                               f'{done.stderr.strip()[-2000:]}')
+        os.replace(partial, library)
+    return library
+
+
+def _load() -> None:
+    if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
+        raise RuntimeError(f'needs Linux on x86-64, not {platform.system()} '
+                           f'{platform.machine()}')
+    if not _cpu_has_avx512f():
+        raise RuntimeError('this CPU has no AVX-512F')
+    path = build()
+    library = ctypes.cdll.LoadLibrary(str(path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RgjGemv), platform='cpu')
+    jax.ffi.register_ffi_target(TARGET_INPUT_MAJOR, jax.ffi.pycapsule(library.RgjGemvInputMajor),
+                                platform='cpu')
+    _state['path'] = path
+
+
+def available() -> bool:
+    """True when the kernel is built, loaded and registered (built on first call)."""
+    with _lock:
+        if 'ok' not in _state:
+            try:
+                _load()
+                _state['ok'], _state['reason'] = True, ''
+            except (RuntimeError, OSError) as error:
+                _state['ok'], _state['reason'] = False, str(error)
+        return _state['ok']
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    available()
+    return _state['reason']
+
+
+def _ffi_gemv(x, w, input_major):
+    out = w.shape[1] if input_major else w.shape[0]
+    return jax.ffi.ffi_call(TARGET_INPUT_MAJOR if input_major else TARGET,
+                            jax.ShapeDtypeStruct((x.shape[0], out), x.dtype),
+                            vmap_method='sequential')(x, w)
+
+
+def _xla_gemv(x, w, input_major):
+    return jnp.einsum('bi,io->bo' if input_major else 'bi,oi->bo', x, w)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def gemv(x, w, input_major: bool = False):
+    """y = x . W on CPU through the kernel, XLA's dot on other platforms.
+
+    Args:
+      x: (rows, in) float32, 1 <= rows <= MAX_ROWS.
+      w: float32, (out, in) (a packed kernel, torch's Linear layout) or, with
+        `input_major`, (in, out) (e.g. the output head's (D, V) table).
+      input_major: which layout `w` has.
+
+    Returns:
+      (rows, out) float32. Differentiable (tangents go through XLA's dots).
+    """
+    layout = '(in, out)' if input_major else '(out, in)'
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0 if input_major else 1]:
+        raise ValueError(f'gemv: expected x (rows, in) and w {layout}, got {x.shape} and '
+                         f'{w.shape}')
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f'gemv: x has {x.shape[0]} rows; the kernel takes 1 to {MAX_ROWS}')
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f'gemv: float32 only, got {x.dtype} and {w.dtype}')
+    if not available():
+        raise RuntimeError(f'the cpu_gemv kernel is unavailable: {unavailable_reason()}')
+    return jax.lax.platform_dependent(
+        x, w, cpu=functools.partial(_ffi_gemv, input_major=input_major),
+        default=functools.partial(_xla_gemv, input_major=input_major))
+
+
+@gemv.defjvp
+def _gemv_jvp(input_major, primals, tangents):
+    (x, w), (dx, dw) = primals, tangents
+    return (gemv(x, w, input_major),
+            _xla_gemv(dx, w, input_major) + _xla_gemv(x, dw, input_major))
+
+
+def applies(matvec_impl: str, rows: int, *arrays) -> bool:
+    """Whether a layer configured with `matvec_impl` computes its product of `rows` input
+    rows over `arrays` (input, weight) with `gemv`: 'cpu_gemv', 1 to MAX_ROWS rows,
+    float32 arrays (others keep XLA's dot), and the kernel available (else a warning)."""
+    if matvec_impl != 'cpu_gemv' or not 1 <= rows <= MAX_ROWS:
+        return False
+    if any(a.dtype != jnp.float32 for a in arrays):
+        return False
+    if not available():
+        warn_unavailable_once()
+        return False
+    return True
+
+
+@functools.cache
+def warn_unavailable_once() -> None:
+    """Warns (once per process) that configured cpu_gemv projections use XLA's dot."""
+    import warnings
+    warnings.warn(f"ModelConfig.matvec_impl='cpu_gemv' falls back to XLA's dot: "
+                  f'{unavailable_reason()}', RuntimeWarning, stacklevel=3)

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -211,17 +212,19 @@ void RowsT(const float* x, const float* w, float* y, int64_t in, int64_t out, in
   }
 }
 
-void Rows(const float* x, const float* w, float* y, int64_t nb, int64_t in, int64_t out,
-          int64_t r0, int64_t r1) {
+// Calls f(std::integral_constant<int, nb>) for nb in 1..kMaxRows: the kernels keep one
+// accumulator per x row in registers, so the row count is a template parameter.
+template <typename F>
+void WithRows(int64_t nb, F&& f) {
   switch (nb) {
-    case 1: return RowsT<1>(x, w, y, in, out, r0, r1);
-    case 2: return RowsT<2>(x, w, y, in, out, r0, r1);
-    case 3: return RowsT<3>(x, w, y, in, out, r0, r1);
-    case 4: return RowsT<4>(x, w, y, in, out, r0, r1);
-    case 5: return RowsT<5>(x, w, y, in, out, r0, r1);
-    case 6: return RowsT<6>(x, w, y, in, out, r0, r1);
-    case 7: return RowsT<7>(x, w, y, in, out, r0, r1);
-    default: return RowsT<8>(x, w, y, in, out, r0, r1);
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, 8>());
   }
 }
 
@@ -304,24 +307,17 @@ void ColsT(const float* x, const float* w, float* y, int64_t in, int64_t out, in
   }
 }
 
-void Cols(const float* x, const float* w, float* y, int64_t nb, int64_t in, int64_t out,
-          int64_t c0, int64_t c1) {
-  switch (nb) {
-    case 1: return ColsT<1>(x, w, y, in, out, c0, c1);
-    case 2: return ColsT<2>(x, w, y, in, out, c0, c1);
-    case 3: return ColsT<3>(x, w, y, in, out, c0, c1);
-    case 4: return ColsT<4>(x, w, y, in, out, c0, c1);
-    case 5: return ColsT<5>(x, w, y, in, out, c0, c1);
-    case 6: return ColsT<6>(x, w, y, in, out, c0, c1);
-    case 7: return ColsT<7>(x, w, y, in, out, c0, c1);
-    default: return ColsT<8>(x, w, y, in, out, c0, c1);
-  }
-}
 
+// Outputs [r0, r1) of y: rows of an output-major W, or columns of an input-major one.
 void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb, int64_t in,
           int64_t out, int64_t r0, int64_t r1) {
-  if (input_major) return Cols(x, w, y, nb, in, out, r0, r1);
-  Rows(x, w, y, nb, in, out, r0, r1);
+  WithRows(nb, [&](auto rows) {
+    if (input_major) {
+      ColsT<decltype(rows)::value>(x, w, y, in, out, r0, r1);
+    } else {
+      RowsT<decltype(rows)::value>(x, w, y, in, out, r0, r1);
+    }
+  });
 }
 
 // y (B, out) = x (B, in) . W, W (out, in) (`input_major` false) or (in, out) (true).

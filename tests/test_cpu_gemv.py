@@ -65,6 +65,22 @@ def test_input_major_gemv_equals_float64_numpy(rows, n_in, n_out):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize('input_major', [False, True])
+@pytest.mark.parametrize('lead,rows,n_in,n_out', [((12,), 1, 64, 256), ((2, 3), 4, 37, 21),
+                                                  ((5,), 8, 256, 64)])
+def test_batched_gemv_equals_float64_numpy(lead, rows, n_in, n_out, input_major):
+    # Independent products, e.g. per KV head in decode attention: (P, G, H) . (P, C, H).
+    _require_kernel()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=lead + (rows, n_in)).astype(np.float32)
+    w = rng.normal(size=lead + ((n_in, n_out) if input_major else (n_out, n_in)))
+    w = w.astype(np.float32)
+    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=2)(x, w, input_major))
+    w64 = w.astype(np.float64)
+    expected = x.astype(np.float64) @ (w64 if input_major else np.swapaxes(w64, -1, -2))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def test_gemv_runs_inside_a_compiled_loop():
     _require_kernel()
     x, w = _case(1, 96, 96)
@@ -137,9 +153,10 @@ def test_other_platforms_lower_to_xla_dot():
 
 @pytest.mark.parametrize('x_shape,w_shape,dtype,message', [
     ((9, 16), (32, 16), np.float32, 'x has 9 rows; the kernel takes 1 to 8'),
-    ((1, 16), (32, 8), np.float32, 'expected x (rows, in) and w (out, in)'),
-    ((16,), (32, 16), np.float32, 'expected x (rows, in) and w (out, in)'),
-    ((1, 32), (32, 16), np.float32, 'expected x (rows, in) and w (out, in)'),
+    ((1, 16), (32, 8), np.float32, 'expected x (..., rows, in) and w (..., out, in)'),
+    ((16,), (32, 16), np.float32, 'expected x (..., rows, in) and w (..., out, in)'),
+    ((1, 32), (32, 16), np.float32, 'expected x (..., rows, in) and w (..., out, in)'),
+    ((2, 1, 16), (3, 32, 16), np.float32, 'with the same leading dims'),
     ((1, 16), (32, 16), jnp.bfloat16, 'float32 only'),
 ])
 def test_gemv_rejects_bad_input_by_name(x_shape, w_shape, dtype, message):

@@ -36,7 +36,7 @@ constexpr int64_t kMaxRows = 8;  // rows of x; kernels are instantiated for 1..8
 struct Job {
   std::atomic<const float*> x{nullptr}, w{nullptr};
   std::atomic<float*> y{nullptr};
-  std::atomic<int64_t> nb{0}, in{0}, out{0}, chunk{0}, chunks{0};
+  std::atomic<int64_t> nb{0}, in{0}, out{0}, chunk{0}, chunks{0}, per_matrix{0};
   std::atomic<bool> input_major{false};
 };
 
@@ -50,14 +50,16 @@ class SpinPool {
   }
   int size() const { return n_; }
 
-  // Computes outputs [0, out) of y with the workers, in chunks of `chunk` outputs;
-  // returns false without computing anything if another call holds the pool (XLA may
-  // run two custom calls at once; the caller then computes alone).
-  bool TryRun(bool input_major, const float* x, const float* w, float* y, int64_t nb,
-              int64_t in, int64_t out, int64_t chunk) {
+  // Computes outputs [0, out) of y for each of `batch` matrices with the workers, in
+  // chunks of `chunk` outputs; returns false without computing anything if another call
+  // holds the pool (XLA may run two custom calls at once; the caller then computes alone).
+  bool TryRun(bool input_major, const float* x, const float* w, float* y, int64_t batch,
+              int64_t nb, int64_t in, int64_t out, int64_t chunk) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    const int64_t chunks = (out + chunk - 1) / chunk;
+    const int64_t per_matrix = (out + chunk - 1) / chunk;
+    const int64_t chunks = batch * per_matrix;
+    job_.per_matrix.store(per_matrix, std::memory_order_relaxed);
     job_.x.store(x, std::memory_order_relaxed);
     job_.w.store(w, std::memory_order_relaxed);
     job_.y.store(y, std::memory_order_relaxed);
@@ -101,12 +103,15 @@ class SpinPool {
       const int64_t nb = job_.nb.load(std::memory_order_relaxed);
       const int64_t in = job_.in.load(std::memory_order_relaxed);
       const bool input_major = job_.input_major.load(std::memory_order_relaxed);
+      const int64_t per_matrix = job_.per_matrix.load(std::memory_order_relaxed);
       if (index >= chunks) return;
       if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel))
         continue;
-      const int64_t r0 = index * chunk;
+      const int64_t matrix = index / per_matrix;
+      const int64_t r0 = index % per_matrix * chunk;
       const int64_t r1 = r0 + chunk < out ? r0 + chunk : out;
-      Part(input_major, x, w, y, nb, in, out, r0, r1);
+      Part(input_major, x + matrix * nb * in, w + matrix * in * out, y + matrix * nb * out,
+           nb, in, out, r0, r1);
       done_.fetch_add(1, std::memory_order_acq_rel);
     }
   }
@@ -320,29 +325,41 @@ void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb
   });
 }
 
-// y (B, out) = x (B, in) . W, W (out, in) (`input_major` false) or (in, out) (true).
+// y (P, B, out) = x (P, B, in) . W[p] for P independent matrices W (P, out, in)
+// (`input_major` false) or (P, in, out) (true); P is 1 when the operands are 2-D.
 ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                 ffi::ResultBuffer<ffi::F32> y) {
   const auto wd = w.dimensions();
-  if (wd.size() != 2) return ffi::Error::InvalidArgument("rgj_gemv: W must be 2-D");
-  const int64_t out = input_major ? wd[1] : wd[0], in = input_major ? wd[0] : wd[1];
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || xd[1] != in)
-    return ffi::Error::InvalidArgument("rgj_gemv: x must be (rows, in) with W's in");
-  const int64_t nb = xd[0];
+  const size_t rank = wd.size();
+  if ((rank != 2 && rank != 3) || xd.size() != rank)
+    return ffi::Error::InvalidArgument("rgj_gemv: x and W must both be 2-D or both 3-D");
+  const int64_t batch = rank == 3 ? wd[0] : 1;
+  const int64_t out = input_major ? wd[rank - 1] : wd[rank - 2];
+  const int64_t in = input_major ? wd[rank - 2] : wd[rank - 1];
+  if (xd[rank - 1] != in || (rank == 3 && xd[0] != batch))
+    return ffi::Error::InvalidArgument("rgj_gemv: x must be ([P,] rows, in) with W's P and in");
+  const int64_t nb = xd[rank - 2];
   if (nb < 1 || nb > kMaxRows) return ffi::Error::InvalidArgument("rgj_gemv: 1 to 8 rows of x");
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   SpinPool& pool = Pool();
   // About 32 chunks per product: at least 32 rows (whole four-row groups), or 256
-  // columns (whole 16-lane vectors).
+  // columns (whole 16-lane vectors); whole matrices when there are several.
   const int64_t unit = input_major ? 16 : 4, least = input_major ? 256 : 32;
   int64_t chunk = (out / (input_major ? 8 : 32) + unit - 1) / unit * unit;
-  chunk = chunk < least ? least : chunk;
-  if (pool.size() == 1 || out <= chunk ||
-      !pool.TryRun(input_major, xp, wp, yp, nb, in, out, chunk))
-    Part(input_major, xp, wp, yp, nb, in, out, 0, out);
+  if (batch > 1) {
+    chunk = out;
+  } else if (chunk < least) {
+    chunk = least;
+  }
+  if (pool.size() == 1 || batch * out <= chunk ||
+      !pool.TryRun(input_major, xp, wp, yp, batch, nb, in, out, chunk)) {
+    for (int64_t p = 0; p < batch; ++p)
+      Part(input_major, xp + p * nb * in, wp + p * in * out, yp + p * nb * out, nb, in, out, 0,
+           out);
+  }
   return ffi::Error::Success();
 }
 

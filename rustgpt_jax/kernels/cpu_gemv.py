@@ -24,6 +24,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -135,15 +136,22 @@ def unavailable_reason() -> str:
     return _state['reason']
 
 
+def _out_dim(w, input_major: bool) -> int:
+    return w.shape[-1] if input_major else w.shape[-2]
+
+
 def _ffi_gemv(x, w, input_major):
-    out = w.shape[1] if input_major else w.shape[0]
-    return jax.ffi.ffi_call(TARGET_INPUT_MAJOR if input_major else TARGET,
-                            jax.ShapeDtypeStruct((x.shape[0], out), x.dtype),
-                            vmap_method='sequential')(x, w)
+    lead = w.shape[:-2]
+    p = math.prod(lead)
+    y = jax.ffi.ffi_call(
+        TARGET_INPUT_MAJOR if input_major else TARGET,
+        jax.ShapeDtypeStruct((p, x.shape[-2], _out_dim(w, input_major)), x.dtype),
+        vmap_method='sequential')(x.reshape((p,) + x.shape[-2:]), w.reshape((p,) + w.shape[-2:]))
+    return y.reshape(x.shape[:-1] + (_out_dim(w, input_major),))
 
 
 def _xla_gemv(x, w, input_major):
-    return jnp.einsum('bi,io->bo' if input_major else 'bi,oi->bo', x, w)
+    return jnp.einsum('...bi,...io->...bo' if input_major else '...bi,...oi->...bo', x, w)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -151,20 +159,22 @@ def gemv(x, w, input_major: bool = False):
     """y = x . W on CPU through the kernel, XLA's dot on other platforms.
 
     Args:
-      x: (rows, in) float32, 1 <= rows <= MAX_ROWS.
-      w: float32, (out, in) (a packed kernel, torch's Linear layout) or, with
-        `input_major`, (in, out) (e.g. the output head's (D, V) table).
+      x: (*batch, rows, in) float32, 1 <= rows <= MAX_ROWS.
+      w: float32, (*batch, out, in) (a packed kernel, torch's Linear layout) or, with
+        `input_major`, (*batch, in, out) (e.g. the output head's (D, V) table, or a
+        cache's (C, H) values); `batch` dims (e.g. KV heads) are independent products.
       input_major: which layout `w` has.
 
     Returns:
-      (rows, out) float32. Differentiable (tangents go through XLA's dots).
+      (*batch, rows, out) float32. Differentiable (tangents go through XLA's dots).
     """
-    layout = '(in, out)' if input_major else '(out, in)'
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0 if input_major else 1]:
-        raise ValueError(f'gemv: expected x (rows, in) and w {layout}, got {x.shape} and '
-                         f'{w.shape}')
-    if not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f'gemv: x has {x.shape[0]} rows; the kernel takes 1 to {MAX_ROWS}')
+    layout = '(..., in, out)' if input_major else '(..., out, in)'
+    if (x.ndim < 2 or x.ndim != w.ndim or x.shape[:-2] != w.shape[:-2]
+            or x.shape[-1] != w.shape[-2 if input_major else -1]):
+        raise ValueError(f'gemv: expected x (..., rows, in) and w {layout} with the same '
+                         f'leading dims, got {x.shape} and {w.shape}')
+    if not 1 <= x.shape[-2] <= MAX_ROWS:
+        raise ValueError(f'gemv: x has {x.shape[-2]} rows; the kernel takes 1 to {MAX_ROWS}')
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f'gemv: float32 only, got {x.dtype} and {w.dtype}')
     if not available():

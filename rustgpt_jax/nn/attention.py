@@ -148,7 +148,7 @@ class Attention(nn.Module):
             # holds column i - C, which the mask excludes (see ops.decode).
             out = cached_decode_attention(
                 q, k, v, cache_k.value, cache_v.value, q_positions=positions,
-                cache_positions=cache_pos.value, window=window)
+                cache_positions=cache_pos.value, window=window, matvec_impl=self.matvec_impl)
             # `tie` (an exact zero) makes the write depend on the attention output, so
             # XLA must order the reads of the old cache before the in-place update;
             # without the dependency it keeps both versions alive by copying every

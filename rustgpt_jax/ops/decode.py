@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from rustgpt_jax import masks as masks_lib
+from rustgpt_jax.kernels import cpu_gemv
 from rustgpt_jax.ops.reference import _MASK_VALUE
 
 
 def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_positions,
-                            window=masks_lib.NO_WINDOW, scale: Optional[float] = None):
+                            window=masks_lib.NO_WINDOW, scale: Optional[float] = None,
+                            matvec_impl: str = 'xla'):
     """Attention of one new token per row over the cache plus itself.
 
     Args:
@@ -33,6 +35,9 @@ def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_pos
       cache_positions: (B, C) int32 the position in each slot (negative = empty).
       window: int32 scalar or (B,) window.
       scale: logit scale, default 1/sqrt(H).
+      matvec_impl: 'cpu_gemv' computes the two dots over the cache (per KV head, at most
+        `kernels.cpu_gemv.MAX_ROWS` query heads per KV head, float32) with that kernel
+        (`ModelConfig.matvec_impl`); 'xla' with XLA's dot.
 
     Returns:
       (B, 1, N, H) in q's dtype.
@@ -43,14 +48,21 @@ def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_pos
         raise ValueError(f'cached_decode_attention takes one token per row, got {t}')
     scale = h ** -0.5 if scale is None else scale
     q = q.reshape(b, kv_heads, n // kv_heads, h)  # (B, K, G, H)
-    old = jnp.einsum('BKGH,BKCH->BKGC', q, cache_k,
-                     preferred_element_type=jnp.float32) * scale
+    use_kernel = cpu_gemv.applies(matvec_impl, n // kv_heads, q, cache_k, cache_v)
+    if use_kernel:  # the cache is (C, H) output-major per KV head
+        old = cpu_gemv.gemv(q, cache_k) * scale
+    else:
+        old = jnp.einsum('BKGH,BKCH->BKGC', q, cache_k,
+                         preferred_element_type=jnp.float32) * scale
     mask = masks_lib.make_attention_mask(q_positions, cache_positions, window)  # (B, 1, C)
     old = jnp.where(mask[:, :, None], old, _MASK_VALUE)
     new = jnp.einsum('BKGH,BKH->BKG', q, k[:, 0],
                      preferred_element_type=jnp.float32)[..., None] * scale  # (B, K, G, 1)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
-    out = jnp.einsum('BKGC,BKCH->BKGH', probs[..., :-1].astype(v.dtype), cache_v,
-                     preferred_element_type=jnp.float32)
+    if use_kernel:  # and input-major for the values
+        out = cpu_gemv.gemv(probs[..., :-1], cache_v, True)
+    else:
+        out = jnp.einsum('BKGC,BKCH->BKGH', probs[..., :-1].astype(v.dtype), cache_v,
+                         preferred_element_type=jnp.float32)
     out = out + probs[..., -1:] * v[:, 0, :, None].astype(jnp.float32)  # (B, K, G, H)
     return out.reshape(b, 1, n, h).astype(q.dtype)

@@ -135,8 +135,9 @@ class ModelConfig:
             (768 x 2048: 20-22 GB/s, as 2 x 384 x 2048: 27-33 GB/s; nn.dense); decoding on
             CPU sets it (`decoding.prepare_for_decode`). Names: qkv_proj, o_proj, w13,
             w2, up, down; out must divide by blocks.
-        matvec_impl: 'xla' or 'cpu_gemv': packed projections of at most 8 input rows in
-            float32 (decode steps) through XLA's dot or the CPU kernel of
+        matvec_impl: 'xla' or 'cpu_gemv': decode-step products of at most 8 float32
+            rows (packed projections, the output head, and the two dots over the KV cache
+            with at most 8 query heads per KV head) through XLA's dot or the CPU kernel of
             `kernels.cpu_gemv` (XLA's dot on other platforms, or where the kernel cannot
             be built). The same products; decoding on CPU sets it
             (`decoding.prepare_for_decode`).

@@ -1,21 +1,23 @@
 """A CPU matrix-vector kernel for decode steps: an XLA FFI custom call (cpu_gemv.cc).
 
-`ModelConfig.matvec_impl = 'cpu_gemv'` routes the packed (output-major) projections of
-decode steps (at most `MAX_ROWS` input rows, float32) through it. XLA:CPU's own product
-hands each GEMV to its thread pool and resumes the step as a new pool task; on a small
-VM the idle vCPU has halted by then, and the wake-ups cost ~1.5 ms of a ~19 ms token on
-the 134M benchmark model (benchmarks/RESULTS.md). The kernel splits the output rows
-between the calling thread and workers that spin (yielding) for
-`RGJ_GEMV_SPIN_US` microseconds (default 1000) between calls before they sleep.
+`ModelConfig.matvec_impl = 'cpu_gemv'` routes the products of decode steps (at most
+`MAX_ROWS` input rows, float32) through it: the packed (output-major) projections, the
+output head (input-major (D, V), or a tied (V, D) table) and the two dots over the KV
+cache (one matrix per KV head). XLA:CPU's own product hands each GEMV to its thread pool
+and resumes the step as a new pool task; on a small VM the idle vCPU has halted by then,
+and the wake-ups cost ~1.5 ms of a ~19 ms token on the 134M benchmark model
+(benchmarks/RESULTS.md). The kernel cuts the output into chunks that the calling thread
+and workers take from a shared ticket; the workers spin (yielding) for `RGJ_GEMV_SPIN_US`
+microseconds (default 1000) between calls before they sleep.
 
 The shared library is compiled from the shipped source on first use (g++ or `$CXX`,
 about 2 s) into `$RGJ_CACHE_DIR` (default `~/.cache/rustgpt_jax`), keyed by a hash of the
 source, the flags, the compiler and jax's version. Where it cannot be built or run (not
 Linux x86-64, no AVX-512F, no compiler, a failed build) `available()` is False,
-`unavailable_reason()` says why, and projections fall back to XLA's dot.
+`unavailable_reason()` says why, and every layer falls back to XLA's dot (one warning).
 
-Environment: `RGJ_GEMV_THREADS` (threads per product, default min(CPUs, 8), read once
-per process), `RGJ_GEMV_SPIN_US`, `RGJ_CACHE_DIR`, `CXX`.
+Environment: `RGJ_GEMV_THREADS` (threads per product, default min(allowed CPUs, 8); it
+and the spin are read once per process), `RGJ_GEMV_SPIN_US`, `RGJ_CACHE_DIR`, `CXX`.
 """
 
 from __future__ import annotations

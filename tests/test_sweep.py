@@ -91,11 +91,13 @@ def test_two_workers_killed_and_resumed(tmp_path):
     launcher = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     # Crash the whole sweep (launcher, both workers, their trainers) once one trial has
-    # finished and another is mid-training.
+    # finished and another is mid-training: it has its parameters (a trial killed between
+    # Optuna's ask and its suggestions has none to retry with; seen once in CI).
     deadline = time.time() + 150
     while time.time() < deadline:
-        states = [t.state for t in _trials(url)]
-        if State.COMPLETE in states and State.RUNNING in states:
+        trials = _trials(url)
+        if (any(t.state == State.COMPLETE for t in trials)
+                and any(t.state == State.RUNNING and t.params for t in trials)):
             break
         assert launcher.poll() is None, 'the sweep ended before it could be killed'
         time.sleep(0.5)
@@ -105,7 +107,7 @@ def test_two_workers_killed_and_resumed(tmp_path):
     launcher.wait()
     before = _trials(url)
     killed = [t for t in before if t.state == State.RUNNING]
-    assert killed and sum(t.state == State.COMPLETE for t in before) < 4
+    assert any(t.params for t in killed) and sum(t.state == State.COMPLETE for t in before) < 4
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -116,7 +118,9 @@ def test_two_workers_killed_and_resumed(tmp_path):
     for dead in killed:  # failed as stale, then retried with the same parameters
         assert after[dead.number].state == State.FAIL
         retries = [t for t in complete if t.system_attrs.get('failed_trial') == dead.number]
-        assert len(retries) == 1 and retries[0].params == dead.params
+        assert len(retries) == 1
+        if dead.params:  # one killed before its suggestions is retried with fresh ones
+            assert retries[0].params == dead.params
     assert len({t.user_attrs['worker_pid'] for t in complete}) >= 2
     for t in complete:  # reported intermediate values are the run's validation losses
         val = read_metrics(t.user_attrs['run_dir'])[('val', 'loss')]

@@ -232,9 +232,13 @@ def test_cpu_gemv_falls_back_to_xla_with_a_warning_where_it_cannot_run(monkeypat
     monkeypatch.setitem(cpu_gemv._state, 'ok', False)
     monkeypatch.setitem(cpu_gemv._state, 'reason', 'no compiler (test)')
     cpu_gemv.warn_unavailable_once.cache_clear()
+    from rustgpt_jax.decoding import default_matvec_impl
     try:
         with pytest.warns(RuntimeWarning, match=r"falls back to XLA's dot: no compiler \(test\)"):
             got = full_logits(build_model(gemv_config), packed, tokens)
+        cpu_gemv.warn_unavailable_once.cache_clear()
+        with pytest.warns(RuntimeWarning, match=r'no compiler \(test\)'):  # decoding's default
+            assert default_matvec_impl(config, 'cpu') == 'xla'
     finally:
         cpu_gemv.warn_unavailable_once.cache_clear()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)

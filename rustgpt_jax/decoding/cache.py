@@ -226,12 +226,16 @@ def default_matvec_impl(config: ModelConfig, backend: Optional[str] = None) -> s
 
     'cpu_gemv' on CPU for float32 models where the kernel builds
     (`kernels.cpu_gemv.available()`): batch-1 decoding of the 134M benchmark model was
-    faster with it (benchmarks/decode_speed.py prints both). Otherwise 'xla'.
+    faster with it (benchmarks/decode_speed.py prints both). Otherwise 'xla', with one
+    warning that says why where the kernel cannot be built here.
     """
     backend = backend or jax.default_backend()
     if backend != 'cpu' or config.dtype != 'float32' or config.param_dtype != 'float32':
         return 'xla'
-    return 'cpu_gemv' if cpu_gemv.available() else 'xla'
+    if not cpu_gemv.available():
+        cpu_gemv.warn_unavailable_once()
+        return 'xla'
+    return 'cpu_gemv'
 
 
 def default_row_blocks(config: ModelConfig, backend: Optional[str] = None) -> tuple:

@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +46,7 @@ SOURCE = Path(__file__).with_name('cpu_gemv.cc')
 FLAGS = ('-O3', '-mavx512f', '-mfma', '-std=c++17', '-shared', '-fPIC')
 
 _lock = threading.Lock()
-_state: dict = {}  # 'ok': bool, 'reason': str, 'path': Path
+_state: dict = {}  # 'ok': bool, 'reason': str
 
 
 def cache_dir() -> Path:
@@ -112,12 +113,10 @@ def _load() -> None:
                            f'{platform.machine()}')
     if not _cpu_has_avx512f():
         raise RuntimeError('this CPU has no AVX-512F')
-    path = build()
-    library = ctypes.cdll.LoadLibrary(str(path))
+    library = ctypes.cdll.LoadLibrary(str(build()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RgjGemv), platform='cpu')
     jax.ffi.register_ffi_target(TARGET_INPUT_MAJOR, jax.ffi.pycapsule(library.RgjGemvInputMajor),
                                 platform='cpu')
-    _state['path'] = path
 
 
 def available() -> bool:
@@ -209,7 +208,6 @@ def applies(matvec_impl: str, rows: int, *arrays) -> bool:
 
 @functools.cache
 def warn_unavailable_once() -> None:
-    """Warns (once per process) that configured cpu_gemv projections use XLA's dot."""
-    import warnings
+    """Warns (once per process) that products configured for cpu_gemv use XLA's dot."""
     warnings.warn(f"ModelConfig.matvec_impl='cpu_gemv' falls back to XLA's dot: "
                   f'{unavailable_reason()}', RuntimeWarning, stacklevel=3)

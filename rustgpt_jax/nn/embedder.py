@@ -55,15 +55,15 @@ class Embedder(nn.Module):
 
     def decode(self, x):
         """Args: x (B, T, D). Returns float32 logits (B, T, V)."""
+        x = x.astype(self.dtype)
         rows = math.prod(x.shape[:-1])
+        # The tied (V, D) table is output-major, the (D, V) head input-major.
         table = self.token_embedding if self.tie_embeddings else self.lm_head
-        if cpu_gemv.applies(self.matvec_impl, rows, x.astype(self.dtype), table):
-            y = cpu_gemv.gemv(x.reshape(rows, -1).astype(self.dtype), table,
-                              not self.tie_embeddings)  # the (D, V) head is input-major
+        if cpu_gemv.applies(self.matvec_impl, rows, x, table):
+            y = cpu_gemv.gemv(x.reshape(rows, -1), table, not self.tie_embeddings)
             return y.reshape(x.shape[:-1] + (-1,))
-        table = self.token_embedding.T if self.tie_embeddings else self.lm_head  # (D, V)
-        logits = jnp.einsum('BTD,DV->BTV', x.astype(self.dtype), table.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum('BTD,VD->BTV' if self.tie_embeddings else 'BTD,DV->BTV', x,
+                            table.astype(self.dtype), preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens, positions):

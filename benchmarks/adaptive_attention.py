@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from rustgpt_jax import adaptive
+from rustgpt_jax.arch.transformer import Transformer
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.data import (
     LMBatchIterator,
@@ -43,7 +44,6 @@ from rustgpt_jax.data import (
     shakespeare_text,
     train_validation_split,
 )
-from rustgpt_jax.nn.transformer import Transformer
 
 
 def configs(args) -> dict:

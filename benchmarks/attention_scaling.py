@@ -125,8 +125,8 @@ def main(argv=None):
     parser.add_argument('--kv-heads', type=int, default=8)
     parser.add_argument('--head-dim', type=int, default=64)
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--block-q', type=int, default=blocked.BlockSizes().block_q)
-    parser.add_argument('--block-kv', type=int, default=blocked.BlockSizes().block_kv)
+    parser.add_argument('--block-q', type=int, default=blocked.BlockSizes.for_xla().block_q)
+    parser.add_argument('--block-kv', type=int, default=blocked.BlockSizes.for_xla().block_k)
     parser.add_argument('--impls', nargs='+', default=['blocked', 'reference'],
                         choices=['blocked', 'reference'])
     parser.add_argument('--json', default=None, help='also write the JSON here')
@@ -145,7 +145,7 @@ def main(argv=None):
                device=str(jax.devices()[0]), batch=1, heads=args.heads,
                kv_heads=args.kv_heads, head_dim=args.head_dim, dtype='float32',
                repeats=args.repeats, block_q=block_sizes.block_q,
-               block_kv=block_sizes.block_kv, timing='median seconds of fwd+bwd',
+               block_k=block_sizes.block_k, timing='median seconds of fwd+bwd',
                rows=rows)
     text = json.dumps(doc, indent=2)
     print(text)

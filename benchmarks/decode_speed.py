@@ -5,7 +5,7 @@ A ~110M-parameter llama-shaped model (dim 768, 12 layers, 12 heads, FFN 2048, vo
 rustgpt_jax through `interop.hf.params_from_hf`. Both sides decode greedily, with a
 KV cache, a 128-token prompt and exactly 128 new tokens, at batch 1 and 8, in one run.
 Four JAX rows: 'jax packed' (`decoding.prepare_for_decode`: unrolled layers, packed
-projections and, on CPU, the `kernels.cpu_gemv` matrix-vector kernel where it builds;
+projections and, on CPU, the `native.cpu_gemv` matrix-vector kernel where it builds;
 what the CLIs use), 'jax xla dot' (the same with XLA's dot and the FFN down projection in
 two row blocks), 'jax whole rows' (XLA's dot without row blocks) and 'jax unrolled' (the
 training layout, unrolled).
@@ -47,8 +47,8 @@ from rustgpt_jax.decoding import generate, prepare_for_decode, unstack_layers
 from rustgpt_jax.decoding.cache import _cache_shapes
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
-from rustgpt_jax.kernels import cpu_gemv
 from rustgpt_jax.models import build_model
+from rustgpt_jax.native import cpu_gemv
 
 # CPU idle settings (--wakeup): context managers; one that yields False was not applied.
 SETTINGS = {'default': lambda: contextlib.nullcontext(True),

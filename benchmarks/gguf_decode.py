@@ -74,9 +74,9 @@ def ours(path: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from rustgpt_jax.arch.transformer import Transformer
     from rustgpt_jax.decoding import prepare_for_decode
     from rustgpt_jax.interop.gguf import load_gguf
-    from rustgpt_jax.nn.transformer import Transformer
 
     t = time.perf_counter()
     config, params, _ = load_gguf(path, max_seq_len=steps + 8)

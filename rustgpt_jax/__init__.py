@@ -35,7 +35,7 @@ from rustgpt_jax.masks import (
 from rustgpt_jax.summary import architecture_summary, kv_cache_bytes_per_token, parameter_counts
 
 _LAZY = {
-    'Transformer': ('rustgpt_jax.nn.transformer', 'Transformer'),
+    'Transformer': ('rustgpt_jax.arch.transformer', 'Transformer'),
     'build_model': ('rustgpt_jax.models', 'build_model'),
     'config_from_hf': ('rustgpt_jax.interop.hf', 'config_from_hf'),
     'params_from_hf': ('rustgpt_jax.interop.hf', 'params_from_hf'),

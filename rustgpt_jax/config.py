@@ -14,6 +14,31 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 
+class _RemovedField:
+    """The value a removed field reads as: any use says what replaced it.
+
+    Naming a removed field in `ModelConfig(...)` (or a gin binding) raises; reading one
+    returns this object, whose attributes and truth value raise the same message, so an
+    old `if config.packed_projections:` fails loudly rather than silently.
+    """
+
+    def __init__(self, name: str):
+        object.__setattr__(self, '_name', name)
+
+    def _fail(self):
+        raise AttributeError(f'ModelConfig.{self._name} was removed: '
+                             f'{REMOVED_FIELDS[self._name]}')
+
+    def __getattr__(self, attribute):
+        self._fail()
+
+    def __bool__(self):
+        self._fail()
+
+    def __repr__(self):
+        return f'<removed field ModelConfig.{self._name}>'
+
+
 class NormType(enum.Enum):
     LAYER_NORM = 'layer_norm'  # scale + bias, eps inside the sqrt
     RMS_NORM = 'rms_norm'  # scale only
@@ -40,12 +65,6 @@ class WindowStrategy(enum.Enum):
     SEQUENCE_LENGTH = 'sequence_length'
     ATTENTION_ENTROPY = 'attention_entropy'
     PERPLEXITY = 'perplexity'
-
-
-class MatvecImpl(enum.Enum):
-    """Which product computes packed projections of at most 8 rows (decode steps)."""
-    XLA = 'xla'  # XLA's dot
-    CPU_GEMV = 'cpu_gemv'  # the XLA FFI kernel of rustgpt_jax.kernels.cpu_gemv (CPU only)
 
 
 class AttentionImpl(enum.Enum):
@@ -90,7 +109,6 @@ _ENUM_FIELDS = {
         'norm_placement': NormPlacement,
         'window_strategy': WindowStrategy,
         'attention_impl': AttentionImpl,
-        'matvec_impl': MatvecImpl,
         'attention_variant': AttentionVariant,
         'architecture': Architecture,
     'precision_policy': PrecisionPolicy,
@@ -98,6 +116,23 @@ _ENUM_FIELDS = {
 }
 
 _DTYPES = ('float32', 'bfloat16', 'float16')
+
+# Fields that choose how the same model executes (the same parameters, the same
+# function): a checkpoint may be restored or resumed with other values of these, and
+# every other field must match.
+IMPLEMENTATION_FIELDS = ('attention_impl', 'remat_policy')
+
+
+# Removed fields and what replaced them (execution choices moved to the runtime layer).
+REMOVED_FIELDS: dict[str, str] = {
+    'packed_projections': 'the parameter layout is an execution choice now: '
+                          'rustgpt_jax.runtime.Execution(packed=True) '
+                          '(decoding.prepare_for_decode packs automatically)',
+    'matvec_row_blocks': 'use rustgpt_jax.runtime.Execution(row_blocks=...) '
+                         '(decoding.prepare_for_decode picks them for the backend)',
+    'matvec_impl': "use rustgpt_jax.runtime.Execution(matvec='xla' or 'cpu_gemv') "
+                   '(decoding.prepare_for_decode picks it for the backend)',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,22 +160,6 @@ class ModelConfig:
             high-level update); hrm_low_layers / hrm_high_layers: blocks in L and H.
         hypermixer_hidden_dim: width of HyperMixer's generated token-mixing MLP
             (default: hidden_dim).
-        packed_projections: q/k/v as one kernel, SwiGLU's gate/up as one, every block
-            kernel output-major (torch's Linear layout). The same function; batch-1
-            decoding on CPU is faster (`nn.packing`; decoding packs automatically).
-        matvec_row_blocks: ((projection name, blocks), ...) for packed kernels, e.g.
-            (('w2', 2),): that (out, in) kernel is evaluated as one batched dot over
-            `blocks` row blocks of out / blocks rows, the same products. XLA:CPU's
-            matrix-vector product streams some kernel shapes far slower than others
-            (768 x 2048: 20-22 GB/s, as 2 x 384 x 2048: 27-33 GB/s; nn.dense); decoding on
-            CPU sets it (`decoding.prepare_for_decode`). Names: qkv_proj, o_proj, w13,
-            w2, up, down; out must divide by blocks.
-        matvec_impl: 'xla' or 'cpu_gemv': decode-step products of at most 8 float32
-            rows (packed projections, the output head, and the two dots over the KV cache
-            with at most 8 query heads per KV head) through XLA's dot or the CPU kernel of
-            `kernels.cpu_gemv` (XLA's dot on other platforms, or where the kernel cannot
-            be built). The same products; decoding on CPU sets it
-            (`decoding.prepare_for_decode`).
     """
     vocab_size: int = 256
     embed_dim: int = 128
@@ -180,11 +199,17 @@ class ModelConfig:
     remat_policy: RematPolicy = RematPolicy.NONE
     scan_layers: bool = True
     init_std: float = 0.02
-    packed_projections: bool = False
-    matvec_row_blocks: tuple = ()
-    matvec_impl: MatvecImpl = MatvecImpl.XLA
+    # Removed fields: naming one raises an error that says what replaced it.
+    packed_projections: dataclasses.InitVar[Any] = _RemovedField('packed_projections')
+    matvec_row_blocks: dataclasses.InitVar[Any] = _RemovedField('matvec_row_blocks')
+    matvec_impl: dataclasses.InitVar[Any] = _RemovedField('matvec_impl')
 
-    def __post_init__(self):
+    def __post_init__(self, packed_projections, matvec_row_blocks, matvec_impl):
+        for name, value in (('packed_projections', packed_projections),
+                            ('matvec_row_blocks', matvec_row_blocks),
+                            ('matvec_impl', matvec_impl)):
+            if not isinstance(value, _RemovedField):
+                raise ValueError(f'ModelConfig.{name} was removed: {REMOVED_FIELDS[name]}')
         for name, enum_cls in _ENUM_FIELDS.items():
             value = getattr(self, name)
             if not isinstance(value, enum_cls):
@@ -208,11 +233,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, f'must be an integer >= 1, got {value!r}')
-        if self.head_dim is None:
-            if self.embed_dim % self.num_heads:
-                _fail('head_dim', f'embed_dim ({self.embed_dim}) must be divisible by '
-                      f'num_heads ({self.num_heads}) when head_dim is not set')
-        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+        if not isinstance(self.head_dim, int) or self.head_dim < 1:
             _fail('head_dim', f'must be an integer >= 1 or None, got {self.head_dim!r}')
         if self.num_heads % self.num_kv_heads:
             _fail('num_kv_heads', f'num_heads ({self.num_heads}) must be divisible by '
@@ -265,35 +286,6 @@ class ModelConfig:
                   f'must be >= 1 or None, got {self.hypermixer_hidden_dim}')
         if self.init_std <= 0:
             _fail('init_std', f'must be > 0, got {self.init_std}')
-        self._validate_row_blocks()
-
-    def _validate_row_blocks(self):
-        blocks = self.matvec_row_blocks
-        try:
-            blocks = tuple((str(name), blocks_) for name, blocks_ in blocks)
-        except (TypeError, ValueError):
-            _fail('matvec_row_blocks', f'must be a tuple of (projection name, blocks) pairs, '
-                  f'got {self.matvec_row_blocks!r}')
-        if self.matvec_impl != MatvecImpl.XLA and not self.packed_projections:
-            _fail('matvec_impl', f'{self.matvec_impl.value!r} applies to packed (output-major) '
-                  'kernels: set packed_projections=True as well')
-        if blocks and not self.packed_projections:
-            _fail('matvec_row_blocks', 'applies to packed (output-major) kernels: set '
-                  'packed_projections=True as well')
-        d, f = self.embed_dim, self.hidden_dim
-        rows = {'qkv_proj': (self.num_heads + 2 * self.num_kv_heads) * self.effective_head_dim,
-                'o_proj': d, 'w13': 2 * f, 'w2': d, 'up': f, 'down': d}
-        for name, count in blocks:
-            if name not in rows:
-                _fail('matvec_row_blocks', f'unknown projection {name!r}; one of '
-                      f'{sorted(rows)}')
-            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-                _fail('matvec_row_blocks', f'{name}: blocks must be an integer >= 1, '
-                      f'got {count!r}')
-            if rows[name] % count:
-                _fail('matvec_row_blocks', f'{name} has {rows[name]} output rows, not '
-                      f'divisible into {count} blocks')
-        object.__setattr__(self, 'matvec_row_blocks', blocks)
 
     # -- derived quantities ---------------------------------------------------
 

@@ -17,6 +17,7 @@ import gin
 import jax
 import numpy as np
 
+from rustgpt_jax.decoding import SamplingConfig, context_limit, generate
 from rustgpt_jax.models import build_model
 from rustgpt_jax.train import load_run_config
 from rustgpt_jax.training import load_for_inference, train
@@ -45,7 +46,6 @@ def restrict_vocab(config, params, num_ids: int):
 def sample(run_dir: str, prompt: str = PROMPT, max_new_tokens: int = 300,
            temperature: float = 0.8, seed: int = 0) -> str:
     """Text generated from the best checkpoint of `run_dir` after `prompt`."""
-    from rustgpt_jax.decoding import SamplingConfig, context_limit, generate
     config, params, tokenizer = load_for_inference(run_dir)
     config, params = restrict_vocab(config, params, tokenizer.vocab_size)
     ids = tokenizer.encode(prompt)

@@ -22,6 +22,11 @@ import jax.numpy as jnp
 # Larger than any position difference, so `q - k < NO_WINDOW` always holds.
 NO_WINDOW = 2**30
 
+# The logit of a masked pair, in every implementation. Finite, so max() over a fully
+# masked tile stays finite, max/exp never see inf - inf, and a (never generated) fully
+# masked row of the dense paths gives a uniform row instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
 
 def window_or_full(window: Optional[int]) -> int:
     """Maps the config convention (None = full causal) to the traced convention."""

@@ -14,84 +14,32 @@ import dataclasses
 from typing import Callable, Optional
 
 from rustgpt_jax.config import (
+    IMPLEMENTATION_FIELDS,
     PRESETS,
     Architecture,
-    AttentionVariant,
     FeedForwardType,
     ModelConfig,
     NormPlacement,
     NormType,
     PositionType,
 )
+from rustgpt_jax.param_counts import (
+    parameter_counts_hrm,
+    parameter_counts_hypermixer,
+    transformer_parameter_counts,
+)
 
-# Fields that change what a model computes; dtypes, remat, scan and kernels do not.
-_RUNTIME_FIELDS = frozenset({'dtype', 'param_dtype', 'remat_policy', 'scan_layers',
-                             'attention_impl', 'init_std', 'dropout_rate',
-                             'packed_projections', 'matvec_row_blocks',
-                             'matvec_impl'})
+# Fields that leave the architecture as published: how it executes
+# (config.IMPLEMENTATION_FIELDS), plus dtypes, layer scanning and training settings.
+_NOT_ARCHITECTURE = frozenset(IMPLEMENTATION_FIELDS) | {
+    'dtype', 'param_dtype', 'scan_layers', 'init_std', 'dropout_rate'}
 
 _DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 
-
-def _norm_params(config: ModelConfig) -> int:
-    d = config.embed_dim
-    return d if config.norm == NormType.RMS_NORM else 2 * d  # LayerNorm adds a bias
-
-
-def transformer_parameter_counts(config: ModelConfig) -> dict:
-    """Parameter counts of `nn.transformer.Transformer`, by component.
-
-    Returns:
-      dict with 'embedding', 'positions', 'attention', 'feed_forward', 'norms', 'head'
-      (model totals), 'per_layer' (a dict of 'attention', 'feed_forward', 'norms',
-      'total' for one block) and 'total'.
-    """
-    d, f, v = config.embed_dim, config.hidden_dim, config.vocab_size
-    n, k, h = config.num_heads, config.num_kv_heads, config.effective_head_dim
-    bias = config.use_bias
-    # q and o are (D, N*H); k and v are (D, K*H): GQA shrinks only the K/V projections.
-    attention = 2 * d * n * h + 2 * d * k * h
-    if bias:
-        attention += n * h + 2 * k * h + d
-    if config.attention_variant in (AttentionVariant.ADAPTIVE_RANK, AttentionVariant.ADAATTN):
-        # Learned per-rank projections of q (N, H, r) and k (K, H, r) (SPEC §4).
-        attention += sum((n + k) * h * r for r in config.adaattn_ranks)
-    if config.feed_forward == FeedForwardType.SWIGLU:
-        ffn = 3 * d * f + (2 * f + d if bias else 0)
-    else:
-        ffn = 2 * d * f + (f + d if bias else 0)
-    norms = 2 * _norm_params(config)
-    per_layer = {'attention': attention, 'feed_forward': ffn, 'norms': norms,
-                 'total': attention + ffn + norms}
-    layers = config.num_layers
-    final_norm = _norm_params(config) if config.norm_placement == NormPlacement.PRE else 0
-    counts = {
-        'embedding': v * d,
-        'positions': config.max_seq_len * d if config.positions == PositionType.LEARNED else 0,
-        'attention': layers * attention,
-        'feed_forward': layers * ffn,
-        'norms': layers * norms + final_norm,
-        'head': 0 if config.tie_embeddings else d * v,
-        'per_layer': per_layer,
-    }
-    counts['total'] = sum(value for key, value in counts.items() if key != 'per_layer')
-    return counts
-
-
-def _hypermixer_counts(config: ModelConfig) -> dict:
-    from rustgpt_jax.arch.hypermixer import parameter_counts_hypermixer  # lazy: no import cycle
-    return parameter_counts_hypermixer(config)
-
-
-def _hrm_counts(config: ModelConfig) -> dict:
-    from rustgpt_jax.arch.hrm import parameter_counts_hrm  # lazy: no import cycle
-    return parameter_counts_hrm(config)
-
-
 PARAMETER_FORMULAS: dict[Architecture, Callable[[ModelConfig], dict]] = {
     Architecture.TRANSFORMER: transformer_parameter_counts,
-    Architecture.HYPERMIXER: _hypermixer_counts,
-    Architecture.HRM: _hrm_counts,
+    Architecture.HYPERMIXER: parameter_counts_hypermixer,
+    Architecture.HRM: parameter_counts_hrm,
 }
 
 
@@ -145,7 +93,7 @@ def attended_pairs(seq_len: int, window: Optional[int]) -> int:
 
 def _identity(config: ModelConfig) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.name not in _RUNTIME_FIELDS}
+            if f.name not in _NOT_ARCHITECTURE}
 
 
 def matching_preset(config: ModelConfig) -> Optional[str]:

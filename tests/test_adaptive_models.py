@@ -9,8 +9,8 @@ import optax
 import pytest
 
 from rustgpt_jax import adaptive
+from rustgpt_jax.arch.transformer import Transformer
 from rustgpt_jax.config import ModelConfig
-from rustgpt_jax.nn.transformer import Transformer
 
 BASE = dict(vocab_size=32, embed_dim=32, hidden_dim=64, num_layers=2, num_heads=4,
             num_kv_heads=2, max_seq_len=16, min_window=2, max_window=12)

@@ -12,8 +12,8 @@ from flax import serialization
 
 from rustgpt_jax import adaptive
 from rustgpt_jax.adaptive import core as adaptive_core
+from rustgpt_jax.arch.transformer import Transformer
 from rustgpt_jax.config import ModelConfig, WindowStrategy
-from rustgpt_jax.nn.transformer import Transformer
 from rustgpt_jax.nn.window import WindowController
 from rustgpt_jax.ops import reference
 

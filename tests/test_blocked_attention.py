@@ -7,7 +7,8 @@ import pytest
 
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl
-from rustgpt_jax.ops import attention, blocked, reference
+from rustgpt_jax.ops import blocked, reference
+from rustgpt_jax.runtime import attention
 
 NO_WINDOW = masks_lib.NO_WINDOW
 HEADS = {'mha': (4, 4), 'gqa': (4, 2), 'mqa': (4, 1)}
@@ -156,12 +157,12 @@ def test_loop_bounds_are_exactly_the_nonempty_blocks(block_sizes):
     """Index-layout skipping: [lo, hi) is exactly the set of blocks with an allowed pair."""
     bs = blocked.BlockSizes(*block_sizes)
     t = 37
-    nq, nk = -(-t // bs.block_q), -(-t // bs.block_kv)
+    nq, nk = -(-t // bs.block_q), -(-t // bs.block_k)
     rows = np.arange(nq * bs.block_q)[:, None]
-    cols = np.arange(nk * bs.block_kv)[None, :]
+    cols = np.arange(nk * bs.block_k)[None, :]
     for w in [0, 1, 3, 8, 13, t, 100]:
         ok = (cols <= rows) & (rows - cols < w)
-        tiles = ok.reshape(nq, bs.block_q, nk, bs.block_kv).any(axis=(1, 3))  # (nq, nk)
+        tiles = ok.reshape(nq, bs.block_q, nk, bs.block_k).any(axis=(1, 3))  # (nq, nk)
         for i in range(nq):
             lo, hi = (int(x) for x in blocked._kv_range(i, w, bs, nk))
             assert np.array_equal(np.flatnonzero(tiles[i]), np.arange(lo, hi)), (w, i)

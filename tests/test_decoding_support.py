@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.models import build_model
+from rustgpt_jax.runtime import Execution
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -16,8 +17,8 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
-def init_params(config: ModelConfig, seed: int = 0):
-    model = build_model(config)
+def init_params(config: ModelConfig, execution: Execution = Execution(), seed: int = 0):
+    model = build_model(config, execution)
     init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 4), jnp.int32))['params'])
     return flax.core.meta.unbox(init(jax.random.key(seed)))
 

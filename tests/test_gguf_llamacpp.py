@@ -20,11 +20,11 @@ gguf = pytest.importorskip('gguf')
 
 from test_gguf_format import random_params  # noqa: E402
 
+from rustgpt_jax.arch.transformer import Transformer  # noqa: E402
 from rustgpt_jax.config import ModelConfig  # noqa: E402
 from rustgpt_jax.data.vocab_tokenizers import CharTokenizer  # noqa: E402
 from rustgpt_jax.interop.gguf import GGUFTokenizer, load_gguf, save_gguf  # noqa: E402
 from rustgpt_jax.interop.gguf.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED  # noqa: E402
-from rustgpt_jax.nn.transformer import Transformer  # noqa: E402
 
 CTX = 48
 PIECES = ('▁ t h e a n i r o l d w c f é s . , ▁t th he ▁th ▁the in an ▁a ▁an er re '

@@ -8,9 +8,9 @@ import transformers
 from transformers import masking_utils
 
 from rustgpt_jax import masks
+from rustgpt_jax.arch.transformer import Transformer
 from rustgpt_jax.config import rustgpt_baseline, rustgpt_modern
 from rustgpt_jax.interop import hf
-from rustgpt_jax.nn.transformer import Transformer
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=32, rms_norm_eps=1e-5)

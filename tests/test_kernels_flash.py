@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from rustgpt_jax import masks
-from rustgpt_jax.kernels import BlockSizes, _common, flash_attention
+from rustgpt_jax.kernels import _common, flash_attention
 from rustgpt_jax.ops.reference import mha_reference
+from rustgpt_jax.ops.tiling import BlockSizes
 
 NO_WINDOW = masks.NO_WINDOW
 TOLS = {jnp.float32: (2e-5, 2e-4), jnp.bfloat16: (3e-2, 3e-2), jnp.float16: (5e-3, 5e-3)}
@@ -190,7 +191,7 @@ def test_bad_input_raises_value_error(bad, match):
 
 def test_block_sizes_validated():
     with pytest.raises(ValueError, match='block_q'):
-        BlockSizes(block_q=48)
+        BlockSizes(block_q=48).check_power_of_2()
 
 
 def test_lowers_to_triton_for_gpu():

@@ -8,8 +8,9 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 from test_kernels_flash import TOLS, arange_positions, assert_matches, make_inputs
 
-from rustgpt_jax.kernels import BlockSizes, flash_attention
+from rustgpt_jax.kernels import flash_attention
 from rustgpt_jax.ops.reference import mha_reference
+from rustgpt_jax.ops.tiling import BlockSizes
 
 
 def test_mosaic_sliding_window_gqa_tail_matches_reference():

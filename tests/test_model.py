@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rustgpt_jax.arch.transformer import Transformer
 from rustgpt_jax.config import (
     ModelConfig,
     NormPlacement,
@@ -16,7 +17,6 @@ from rustgpt_jax.config import (
     rustgpt_baseline,
     rustgpt_modern,
 )
-from rustgpt_jax.nn.transformer import Transformer
 
 TINY = dict(vocab_size=32, embed_dim=16, hidden_dim=24, num_layers=2, num_heads=4,
             max_seq_len=16)

@@ -1,4 +1,5 @@
-"""Packed projections (nn.packing): the same function in another parameter layout."""
+"""Packed projections (nn.packing, `runtime.Execution(packed=True)`): the same function
+in another parameter layout, and the decode form built from it."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,9 @@ from test_decoding_support import full_logits, init_params, tiny_config
 from rustgpt_jax.decoding import prepare_for_decode, unstack_layers
 from rustgpt_jax.models import build_model
 from rustgpt_jax.nn.packing import pack_projections, unpack_projections
+from rustgpt_jax.runtime import Execution, MatvecImpl
+
+PACKED = Execution(packed=True)
 
 CASES = {
     'swiglu_gqa_scanned': dict(num_kv_heads=2),
@@ -27,24 +31,22 @@ def test_packed_model_computes_the_same_logits(name):
     config = tiny_config(**CASES[name])
     params = jax.tree_util.tree_map(  # non-zero biases, so a misplaced one shows
         lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), init_params(config))
-    packed_config, packed = pack_projections(config, params)
-    assert packed_config.packed_projections
+    packed = pack_projections(params)
     expected = full_logits(build_model(config), params, _tokens())
-    got = full_logits(build_model(packed_config), packed, _tokens())
+    got = full_logits(build_model(config, PACKED), packed, _tokens())
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     # The layout init creates is the layout packing produces.
-    init_shapes = jax.tree_util.tree_map(jnp.shape, init_params(packed_config))
+    init_shapes = jax.tree_util.tree_map(jnp.shape, init_params(config, PACKED))
     assert init_shapes == jax.tree_util.tree_map(jnp.shape, packed)
     # Unpacking restores the original arrays exactly.
-    back_config, back = unpack_projections(packed_config, packed)
-    assert back_config == config
+    back = unpack_projections(config, packed)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
 
 
 def test_packed_gradients_are_packed_standard_gradients():
     config = tiny_config(num_kv_heads=2)
     params = init_params(config)
-    packed_config, packed = pack_projections(config, params)
+    packed = pack_projections(params)
     tokens = _tokens()
 
     def loss(model):
@@ -55,9 +57,9 @@ def test_packed_gradients_are_packed_standard_gradients():
         return jax.jit(jax.grad(fn))
 
     grads = loss(build_model(config))(params)
-    packed_grads = loss(build_model(packed_config))(packed)
+    packed_grads = loss(build_model(config, PACKED))(packed)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
-                           packed_grads, pack_projections(config, grads)[1])
+                           packed_grads, pack_projections(grads))
 
 
 @pytest.mark.parametrize('matvec_impl,tie', [('xla', False), ('cpu_gemv', False),
@@ -65,44 +67,46 @@ def test_packed_gradients_are_packed_standard_gradients():
 def test_decode_form_cached_logits_equal_full_forward(matvec_impl, tie):
     # cpu_gemv: packed kernels and the output head ((D, V), or the tied (V, D) table).
     if matvec_impl == 'cpu_gemv':
-        from test_cpu_gemv import _require_kernel
+        from test_native_cpu_gemv import _require_kernel
         _require_kernel()
     config = tiny_config(num_kv_heads=2, window_size=4, max_seq_len=8, tie_embeddings=tie)
     params = init_params(config)
-    decode_config, decode_params = prepare_for_decode(config, params, matvec_impl=matvec_impl)
-    assert decode_config.packed_projections and not decode_config.scan_layers
-    assert decode_config.matvec_impl.value == matvec_impl
+    decode = prepare_for_decode(config, params, matvec=matvec_impl)
+    assert decode.execution.packed and not decode.config.scan_layers
+    assert decode.execution.matvec.value == matvec_impl
     # Every starting layout reaches the same decode form: unrolled, or already packed.
-    for start in (unstack_layers(config, params), pack_projections(config, params)):
-        other_config, other = prepare_for_decode(*start, matvec_impl=matvec_impl)
-        assert other_config == decode_config
-        jax.tree_util.tree_map(np.testing.assert_array_equal, other, decode_params)
+    for start, packed in ((unstack_layers(config, params), False),
+                          ((config, pack_projections(params)), True)):
+        other = prepare_for_decode(*start, params_packed=packed, matvec=matvec_impl)
+        assert other.config == decode.config and other.execution == decode.execution
+        jax.tree_util.tree_map(np.testing.assert_array_equal, other.params, decode.params)
     rng = np.random.default_rng(3)
     length = 14
     lengths = np.array([length, length - 4], np.int32)
     seqs = np.zeros((2, length), np.int32)
     for r, n in enumerate(lengths):
         seqs[r, length - n:] = rng.integers(3, 64, n)
-    got = _cached_logits(build_model(decode_config), decode_params, seqs, lengths,
-                         prompt_len=3)
+    got = _cached_logits(decode.model, decode.params, seqs, lengths, prompt_len=3)
     oracle = build_model(config.replace(max_seq_len=32))  # the standard layout, no cache
     for r, n in enumerate(lengths):
         expected = np.asarray(full_logits(oracle, params, seqs[r:r + 1, length - n:])[0])
         np.testing.assert_allclose(got[r], expected[:len(got[r])], atol=1e-5, rtol=1e-5)
 
 
-def test_hf_interop_reads_and_writes_packed_models():
+def test_hf_interop_round_trips_through_the_packed_layout():
     from rustgpt_jax.interop.hf import params_from_hf, params_to_hf
     config = tiny_config(num_kv_heads=2)
     params = init_params(config)
     state = params_to_hf(params, config)
-    packed_config = config.replace(packed_projections=True)
-    # Export of a packed model = export of the standard one (HF has no packed layout).
-    packed = pack_projections(config, params)[1]
-    for name, array in params_to_hf(packed, packed_config).items():
+    # Export of a packed model, unpacked = export of the standard one.
+    packed = pack_projections(params)
+    for name, array in params_to_hf(unpack_projections(config, packed), config).items():
         np.testing.assert_array_equal(array, state[name], err_msg=name)
-    # Import into a packed config = the standard import, packed.
-    imported = params_from_hf(state, packed_config)
+    # Packed params are refused with the fix named, not exported wrongly.
+    with pytest.raises(ValueError, match='packed layout.*unpack_projections'):
+        params_to_hf(packed, config)
+    # The standard import, packed = the packed params.
+    imported = pack_projections(params_from_hf(state, config))
     jax.tree_util.tree_map(np.testing.assert_array_equal, imported, packed)
 
 
@@ -110,8 +114,8 @@ def test_packed_kernels_resolve_under_every_sharding_rule_table():
     import flax.linen as nn
 
     from rustgpt_jax.sharding.rules import Strategy, logical_axis_rules
-    config = tiny_config(num_kv_heads=2, packed_projections=True, scan_layers=False)
-    model = build_model(config)
+    config = tiny_config(num_kv_heads=2, scan_layers=False)
+    model = build_model(config, PACKED)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
     specs = nn.get_partition_spec(boxed)['params']['layer_0']
     qkv = specs['attention']['qkv_proj']['kernel']
@@ -133,8 +137,8 @@ def test_projection_row_blocks_equal_the_whole_matrix_product(lead, rows, blocks
     rng = np.random.default_rng(0)
     x = rng.normal(size=lead + (5,)).astype(np.float32)
     kernel = rng.normal(size=(rows, 5)).astype(np.float32)  # output-major (out, in)
-    layer = Projection(features=(rows,), kernel_axes=('embed', 'mlp'), output_major=True,
-                       row_blocks=blocks)
+    layer = Projection(features=(rows,), kernel_axes=('embed', 'mlp'),
+                       execution=Execution(packed=True, row_blocks=(('w2', blocks),)), name='w2')
     got = layer.apply({'params': {'kernel': kernel}}, x)
     expected = x.astype(np.float64) @ kernel.T.astype(np.float64)  # numpy, not XLA
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
@@ -144,17 +148,15 @@ def test_projection_row_blocks_equal_the_whole_matrix_product(lead, rows, blocks
 def test_matvec_row_blocks_leave_the_logits_unchanged(feed_forward):
     config = tiny_config(num_kv_heads=2, feed_forward=feed_forward)
     params = init_params(config)
-    packed_config, packed = pack_projections(config, params)
+    packed = pack_projections(params)
     ffn = ('w13', 'w2') if feed_forward == 'swiglu' else ('up', 'down')
     blocks = (('qkv_proj', 4), ('o_proj', 2), (ffn[0], 4), (ffn[1], 8))
-    split_config = packed_config.replace(matvec_row_blocks=blocks)
-    # (1, 8): 8 rows, evaluated in blocks; (2, 12): 24 rows, whole (nn.dense.MATVEC_MAX_ROWS).
+    split = Execution(packed=True, row_blocks=blocks)
+    # (1, 8): 8 rows, evaluated in blocks; (2, 12): 24 rows, whole (MATVEC_MAX_ROWS).
     for tokens in (_tokens()[:1, :8], _tokens()):
         expected = full_logits(build_model(config), params, tokens)
-        got = full_logits(build_model(split_config), packed, tokens)  # same params
+        got = full_logits(build_model(config, split), packed, tokens)  # same params
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
-    # Unpacking drops the blocks (they only apply to packed kernels).
-    assert unpack_projections(split_config, packed)[0] == config
 
 
 @pytest.mark.parametrize('blocks,message', [
@@ -164,11 +166,12 @@ def test_matvec_row_blocks_leave_the_logits_unchanged(feed_forward):
     ('w2', 'must be a tuple of'),
 ])
 def test_matvec_row_blocks_are_validated(blocks, message):
-    with pytest.raises(ValueError, match='ModelConfig.matvec_row_blocks') as error:
-        tiny_config(packed_projections=True, matvec_row_blocks=blocks)
+    params = init_params(tiny_config())
+    with pytest.raises(ValueError, match='Execution.row_blocks') as error:
+        prepare_for_decode(tiny_config(), params, row_blocks=blocks)
     assert message in str(error.value)
-    with pytest.raises(ValueError, match='set packed_projections=True'):
-        tiny_config(matvec_row_blocks=(('w2', 2),))
+    with pytest.raises(ValueError, match='set packed=True'):
+        Execution(row_blocks=(('w2', 2),))
 
 
 def test_prepare_for_decode_picks_row_blocks_per_backend():
@@ -179,19 +182,19 @@ def test_prepare_for_decode_picks_row_blocks_per_backend():
     assert default_row_blocks(tiny_config(feed_forward='relu'), 'cpu') == (('down', 2),)
     assert default_row_blocks(config, 'gpu') == ()
     params = init_params(config)
-    decode_config = prepare_for_decode(config, params)[0]
-    assert decode_config.matvec_row_blocks == default_row_blocks(config)
-    assert prepare_for_decode(config, params, row_blocks=())[0].matvec_row_blocks == ()
+    decode = prepare_for_decode(config, params)
+    assert decode.execution.row_blocks == default_row_blocks(config)
+    assert prepare_for_decode(config, params, row_blocks=()).execution.row_blocks == ()
     # A checkpoint's JSON config (lists) reads back as the same config.
     import json
-    saved = json.loads(json.dumps(config_to_dict(decode_config)))
-    assert config_from_dict(saved) == decode_config
+    saved = json.loads(json.dumps(config_to_dict(decode.config)))
+    assert config_from_dict(saved) == decode.config
 
 
 def test_projection_rejects_row_blocks_that_do_not_divide_its_rows():
     from rustgpt_jax.nn.dense import Projection
-    layer = Projection(features=(12,), kernel_axes=('embed', 'mlp'), output_major=True,
-                       row_blocks=5, name='w2')
+    layer = Projection(features=(12,), kernel_axes=('embed', 'mlp'),
+                       execution=Execution(packed=True, row_blocks=(('w2', 5),)), name='w2')
     kernel = np.zeros((12, 5), np.float32)
     for rows in (1, 32):  # within and beyond MATVEC_MAX_ROWS
         with pytest.raises(ValueError, match='12 output rows do not split into 5 row blocks'):
@@ -200,32 +203,28 @@ def test_projection_rejects_row_blocks_that_do_not_divide_its_rows():
 
 def test_matvec_impl_is_validated_and_chosen_per_backend():
     from rustgpt_jax.decoding import default_matvec_impl
-    from rustgpt_jax.kernels import cpu_gemv
-    with pytest.raises(ValueError, match='ModelConfig.matvec_impl') as error:
-        tiny_config(packed_projections=True, matvec_impl='fast')
+    from rustgpt_jax.native import cpu_gemv
+    with pytest.raises(ValueError, match='Execution.matvec') as error:
+        Execution(packed=True, matvec='fast')
     assert "'xla'" in str(error.value) and "'cpu_gemv'" in str(error.value)
-    with pytest.raises(ValueError, match='set packed_projections=True'):
-        tiny_config(matvec_impl='cpu_gemv')
+    with pytest.raises(ValueError, match='set packed=True'):
+        Execution(matvec='cpu_gemv')
     config = tiny_config()
-    assert default_matvec_impl(config, 'gpu') == 'xla'
-    assert default_matvec_impl(tiny_config(dtype='bfloat16'), 'cpu') == 'xla'
-    assert default_matvec_impl(config, 'cpu') == ('cpu_gemv' if cpu_gemv.available() else 'xla')
-    # An explicit choice is kept; unpacking drops it with the packed layout.
+    assert default_matvec_impl(config, 'gpu') == MatvecImpl.XLA
+    assert default_matvec_impl(tiny_config(dtype='bfloat16'), 'cpu') == MatvecImpl.XLA
+    assert default_matvec_impl(config, 'cpu') == (
+        MatvecImpl.CPU_GEMV if cpu_gemv.available() else MatvecImpl.XLA)
+    # An explicit choice is kept.
     params = init_params(config)
-    decode_config, decode_params = prepare_for_decode(config, params, matvec_impl='xla')
-    assert decode_config.matvec_impl.value == 'xla'
-    kept, kept_params = prepare_for_decode(decode_config.replace(matvec_impl='cpu_gemv'),
-                                           decode_params)
-    assert kept.matvec_impl.value == 'cpu_gemv'
-    assert unpack_projections(kept, kept_params)[0] == config.replace(scan_layers=False)
+    assert prepare_for_decode(config, params, matvec='xla').execution.matvec == MatvecImpl.XLA
 
 
 def test_cpu_gemv_falls_back_to_xla_with_a_warning_where_it_cannot_run(monkeypatch):
-    from rustgpt_jax.kernels import cpu_gemv
+    from rustgpt_jax.native import cpu_gemv
     config = tiny_config(num_kv_heads=2)
     params = init_params(config)
-    packed_config, packed = pack_projections(config, params)
-    gemv_config = packed_config.replace(matvec_impl='cpu_gemv')
+    packed = pack_projections(params)
+    gemv = Execution(packed=True, matvec='cpu_gemv')
     tokens = _tokens()[:1, :6]  # 6 rows: within the kernel's 8
     expected = full_logits(build_model(config), params, tokens)
     cpu_gemv.available()  # settle the real state before faking it
@@ -235,10 +234,43 @@ def test_cpu_gemv_falls_back_to_xla_with_a_warning_where_it_cannot_run(monkeypat
     from rustgpt_jax.decoding import default_matvec_impl
     try:
         with pytest.warns(RuntimeWarning, match=r"falls back to XLA's dot: no compiler \(test\)"):
-            got = full_logits(build_model(gemv_config), packed, tokens)
+            got = full_logits(build_model(config, gemv), packed, tokens)
         cpu_gemv.warn_unavailable_once.cache_clear()
         with pytest.warns(RuntimeWarning, match=r'no compiler \(test\)'):  # decoding's default
-            assert default_matvec_impl(config, 'cpu') == 'xla'
+            assert default_matvec_impl(config, 'cpu') == MatvecImpl.XLA
     finally:
         cpu_gemv.warn_unavailable_once.cache_clear()
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('field', ['packed_projections', 'matvec_row_blocks', 'matvec_impl'])
+def test_removed_config_fields_name_their_replacement(field):
+    import gin
+
+    from rustgpt_jax.config import ModelConfig
+    value = {'packed_projections': True, 'matvec_row_blocks': (('w2', 2),),
+             'matvec_impl': 'cpu_gemv'}[field]
+    with pytest.raises(ValueError, match=f'ModelConfig.{field} was removed: .*Execution'):
+        tiny_config(**{field: value})
+    with pytest.raises(AttributeError, match=f'ModelConfig.{field} was removed'):
+        bool(getattr(tiny_config(), field))  # an old `if config.packed_projections:`
+    # An old gin file that binds the field gets the same message.
+    gin.clear_config()
+    try:
+        configurable = gin.external_configurable(ModelConfig, module='test_removed')
+        gin.parse_config(f'test_removed.ModelConfig.{field} = {value!r}')
+        with pytest.raises(ValueError, match=f'ModelConfig.{field} was removed'):
+            configurable()
+    finally:
+        gin.clear_config()
+
+
+def test_a_checkpoint_saved_with_the_packed_layout_still_loads(tmp_path):
+    # A checkpoint written before the runtime layer: its JSON config names
+    # packed_projections / matvec fields and its params are packed.
+    from rustgpt_jax.training.checkpoint import config_from_dict, config_to_dict, legacy_packed
+    config = tiny_config(num_kv_heads=2)
+    saved = config_to_dict(config)
+    saved.update(packed_projections=True, matvec_row_blocks=[['w2', 2]], matvec_impl='cpu_gemv')
+    assert config_from_dict(saved) == config and legacy_packed(saved)
+    assert not legacy_packed(config_to_dict(config))

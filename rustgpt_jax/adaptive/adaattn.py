@@ -54,7 +54,7 @@ def sampled_normalized_entropy(probs, mask):
 class AdaAttn(nn.Module):
     """Joint adaptive rank + adaptive precision attention.
 
-    Called like `ops.attention.dot_product_attention`. Sows `low_rank`, `rank`,
+    Called like `runtime.attention.dot_product_attention`. Sows `low_rank`, `rank`,
     `entropy` (the normalised entropy e) and `precision` (one-hot over LEVELS).
     """
     num_heads: int
@@ -117,7 +117,7 @@ def make_attention_core(variant: AttentionVariant, *, num_heads: int, num_kv_hea
     """The attention core of a variant, or None for STANDARD (use the plain kernel).
 
     This is the only dispatch on AttentionVariant. The returned module is called like
-    `ops.attention.dot_product_attention(q, k, v, q_positions=..., ...)`.
+    `runtime.attention.dot_product_attention(q, k, v, q_positions=..., ...)`.
     """
     variant = AttentionVariant(variant)
     if variant == AttentionVariant.STANDARD:

@@ -13,9 +13,6 @@ from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.adaptive.entropy import attention_entropy
 from rustgpt_jax.ops import reference
 
-# Finite, so a fully masked row gives a uniform row, not NaN (as in ops.reference).
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def _is_fp8(dtype) -> bool:
     return jnp.dtype(dtype).itemsize == 1
@@ -49,7 +46,7 @@ def masked_attention(q, k, v, mask, scale: float, dtype: Any = jnp.float32):
     if dtype != jnp.float32:
         limit = float(jnp.finfo(dtype).max)
         scores = jnp.clip(scores, -limit, limit)
-    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None], scores, masks_lib.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)  # float32 (B, K, G, T, S)
     out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(dtype), v.astype(dtype),
                      preferred_element_type=acc)
@@ -83,7 +80,7 @@ def sampled_probs(q, k, *, q_positions, kv_positions, window, q_segment_ids=None
 
     Args:
       q: (B, T, N, H); k: (B, S, K, H); positions/segments as in
-        `ops.attention.dot_product_attention`.
+        `runtime.attention.dot_product_attention`.
       rows: sample size.
       scale: logit scale, default 1/sqrt(H).
 

@@ -112,7 +112,7 @@ def max_abs_qkv(q, k, v):
 class AdaptivePrecisionAttention(nn.Module):
     """Attention whose matmul dtype is chosen at run time by `lax.switch`.
 
-    Called like `ops.attention.dot_product_attention`. Sows `precision`, a (4,)
+    Called like `runtime.attention.dot_product_attention`. Sows `precision`, a (4,)
     one-hot over LEVELS, into `intermediates`.
 
     Attributes:

@@ -21,12 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rustgpt_jax import axes
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.adaptive.core import masked_attention, sampled_probs
 from rustgpt_jax.adaptive.entropy import row_entropy
 from rustgpt_jax.config import AttentionImpl
-from rustgpt_jax.nn import axes
-from rustgpt_jax.ops.attention import dot_product_attention
+from rustgpt_jax.runtime.attention import dot_product_attention
 
 
 def focus_score(probs, mask):
@@ -127,7 +127,7 @@ def low_rank_attention(q, k, v, mask, pq, pk, head_dim: int, dtype=jnp.float32):
 class AdaptiveRankAttention(nn.Module):
     """Dense / low-rank attention chosen at run time by `lax.switch`.
 
-    Called like `ops.attention.dot_product_attention` (keyword positions, window and
+    Called like `runtime.attention.dot_product_attention` (keyword positions, window and
     segment ids). Sows `low_rank` (0/1), `rank` (head_dim when dense), `focus` (mean)
     and `head_votes` (fraction of batch x heads voting low-rank) into `intermediates`.
     """

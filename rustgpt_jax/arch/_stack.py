@@ -1,8 +1,8 @@
-"""Pieces shared by HyperMixer and HRM: embedder, input checks, a block stack, counts.
+"""Pieces every architecture is built from: embedder, input checks, a block stack.
 
-Mirrors `Transformer.hidden_states`: `config.scan_layers` picks `nn.scan` (one compiled
-body, per-layer variables stacked on a leading 'layers' axis) or a Python loop, and
-`config.remat_policy` wraps each block in `nn.remat` with the same named policies.
+`config.scan_layers` picks `nn.scan` (one compiled body, per-layer variables stacked on
+a leading 'layers' axis) or a Python loop, and `config.remat_policy` wraps each block
+in `nn.remat` with a named policy.
 """
 
 from __future__ import annotations
@@ -10,13 +10,22 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from rustgpt_jax.config import FeedForwardType, ModelConfig, NormType, PositionType, RematPolicy
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
+from rustgpt_jax.config import ModelConfig, PositionType, RematPolicy
 from rustgpt_jax.nn.block import make_norm
 from rustgpt_jax.nn.embedder import Embedder
-from rustgpt_jax.nn.transformer import REMAT_POLICIES, SCANNED_COLLECTIONS
+from rustgpt_jax.runtime.execution import Execution
+
+# Collections that hold one entry per layer and so are stacked by nn.scan.
+SCANNED_COLLECTIONS = ('params', 'cache', 'intermediates', 'adaptive')
+
+REMAT_POLICIES = {
+    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
+    RematPolicy.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def remat_block(block_cls, config: ModelConfig):
@@ -30,7 +39,7 @@ def remat_block(block_cls, config: ModelConfig):
 class LayerStack(nn.Module):
     """`num_layers` blocks of `block_cls`, optionally followed by a norm.
 
-    `block_cls(config, deterministic, decode)` must be called as
+    `block_cls(config, execution, deterministic, decode)` must be called as
     `block(x, positions, segment_ids) -> (x, None)`, like `rustgpt_jax.nn.Block`.
 
     Attributes:
@@ -38,6 +47,7 @@ class LayerStack(nn.Module):
       block_cls: the residual block class.
       num_layers: depth of the stack.
       out_norm: append the configured norm (named 'out_norm') after the last block.
+      execution: how the blocks' products run (`runtime.Execution`).
       deterministic: disables dropout when True.
       decode: blocks use and update the `cache` collection.
     """
@@ -45,6 +55,7 @@ class LayerStack(nn.Module):
     block_cls: type
     num_layers: int
     out_norm: bool = False
+    execution: Execution = Execution()
     deterministic: bool = True
     decode: bool = False
 
@@ -55,34 +66,52 @@ class LayerStack(nn.Module):
         Returns:
           (B, T, D).
         """
-        cfg = self.config
-        block_cls = remat_block(self.block_cls, cfg)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block_cls, variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
-                split_rngs={'params': True, 'dropout': True},
-                in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
-                metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-            x, _ = stack(cfg, self.deterministic, self.decode, name='layers')(
-                x, positions, segment_ids)
-        else:
-            for i in range(self.num_layers):
-                x, _ = block_cls(cfg, self.deterministic, self.decode, name=f'layer_{i}')(
-                    x, positions, segment_ids)
+        x = run_blocks(self.config, self.block_cls, self.num_layers, x, positions, segment_ids,
+                       execution=self.execution, deterministic=self.deterministic,
+                       decode=self.decode)
         if self.out_norm:
-            x = make_norm(cfg, 'out_norm')(x)
+            x = make_norm(self.config, 'out_norm')(x)
         return x
 
 
-def make_embedder(config: ModelConfig) -> Embedder:
-    """The token embedder and output head, as in the Transformer (assign in `setup`)."""
+def run_blocks(config: ModelConfig, block_cls: type, num_layers: int, x, positions,
+               segment_ids, *, execution: Execution, deterministic: bool, decode: bool):
+    """Applies `num_layers` blocks; call inside a compact method, whose scope gets them.
+
+    Scanned: one submodule 'layers' with per-layer variables stacked on a leading axis;
+    unrolled: submodules 'layer_{i}'.
+
+    Args:
+      config, block_cls, num_layers, execution, deterministic, decode: as `LayerStack`.
+      x: (B, T, D); positions: (B, T) int32; segment_ids: (B, T) or None.
+
+    Returns:
+      (B, T, D).
+    """
+    block_cls = remat_block(block_cls, config)
+    if config.scan_layers:
+        stack = nn.scan(
+            block_cls, variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+            split_rngs={'params': True, 'dropout': True},
+            in_axes=(nn.broadcast, nn.broadcast), length=num_layers,
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+        x, _ = stack(config, execution, deterministic, decode, name='layers')(
+            x, positions, segment_ids)
+        return x
+    for i in range(num_layers):
+        x, _ = block_cls(config, execution, deterministic, decode, name=f'layer_{i}')(
+            x, positions, segment_ids)
+    return x
+
+
+def make_embedder(config: ModelConfig, execution: Execution = Execution()) -> Embedder:
+    """The token embedder and output head (assign in `setup`)."""
     return Embedder(
         vocab_size=config.vocab_size, embed_dim=config.embed_dim,
         max_seq_len=config.max_seq_len,
         learned_positions=config.positions == PositionType.LEARNED,
         tie_embeddings=config.tie_embeddings, init_std=config.init_std,
-        dtype=config.compute_dtype, param_dtype=config.params_dtype,
-        matvec_impl=config.matvec_impl.value)
+        dtype=config.compute_dtype, param_dtype=config.params_dtype, execution=execution)
 
 
 def prepare_inputs(tokens, positions, config: ModelConfig, decode: bool):
@@ -111,28 +140,3 @@ def prepare_inputs(tokens, positions, config: ModelConfig, decode: bool):
         raise ValueError(f'sequence length {tokens.shape[1]} exceeds '
                          f'ModelConfig.max_seq_len={config.max_seq_len}')
     return tokens, positions
-
-
-# -- analytical parameter counts ----------------------------------------------------
-
-
-def norm_param_count(config: ModelConfig) -> int:
-    """Parameters of one norm layer: RMSNorm has a scale, LayerNorm a scale and a bias."""
-    return config.embed_dim * (2 if config.norm == NormType.LAYER_NORM else 1)
-
-
-def feed_forward_param_count(config: ModelConfig) -> int:
-    """Parameters of one feed-forward layer (D -> F -> D; SwiGLU has two up projections)."""
-    d, f = config.embed_dim, config.hidden_dim
-    if config.feed_forward == FeedForwardType.SWIGLU:
-        return 3 * d * f + (2 * f + d if config.use_bias else 0)
-    return 2 * d * f + (f + d if config.use_bias else 0)
-
-
-def embedding_param_counts(config: ModelConfig) -> dict:
-    """{'embedding': token (+ learned position) table, 'head': untied output head or 0}."""
-    d = config.embed_dim
-    embedding = config.vocab_size * d
-    if config.positions == PositionType.LEARNED:
-        embedding += config.max_seq_len * d
-    return {'embedding': embedding, 'head': 0 if config.tie_embeddings else d * config.vocab_size}

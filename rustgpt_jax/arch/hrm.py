@@ -39,18 +39,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.arch._stack import (
-    LayerStack,
-    embedding_param_counts,
-    feed_forward_param_count,
-    make_embedder,
-    norm_param_count,
-    prepare_inputs,
-)
+from rustgpt_jax import axes
+from rustgpt_jax.arch._stack import SCANNED_COLLECTIONS, LayerStack, make_embedder, prepare_inputs
 from rustgpt_jax.config import ModelConfig, NormPlacement
-from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.block import Block, make_norm
-from rustgpt_jax.nn.transformer import SCANNED_COLLECTIONS
+from rustgpt_jax.param_counts import parameter_counts_hrm
+from rustgpt_jax.runtime.execution import Execution
+
+__all__ = ['HRMLM', 'parameter_counts_hrm']
 
 # Per-iteration collections: each application of L / H has its own cache (and window
 # state); 'params' are shared across iterations and broadcast instead.
@@ -70,6 +66,7 @@ def _iterate(module_cls, length: int, num_inputs: int):
 class _LowStep(nn.Module):
     """One low-level update zL <- L(zL + zH + x); scanned T times per cycle."""
     config: ModelConfig
+    execution: Execution = Execution()
     deterministic: bool = True
     decode: bool = False
 
@@ -78,13 +75,15 @@ class _LowStep(nn.Module):
         cfg = self.config
         low = LayerStack(cfg, Block, cfg.hrm_low_layers,
                          out_norm=cfg.norm_placement == NormPlacement.PRE,
-                         deterministic=self.deterministic, decode=self.decode, name='low')
+                         execution=self.execution, deterministic=self.deterministic,
+                         decode=self.decode, name='low')
         return low(z_low + z_high + x, positions, segment_ids), None
 
 
 class _Cycle(nn.Module):
     """T low-level updates, then one high-level update zH <- H(zH + zL); scanned N times."""
     config: ModelConfig
+    execution: Execution = Execution()
     deterministic: bool = True
     decode: bool = False
 
@@ -92,12 +91,13 @@ class _Cycle(nn.Module):
     def __call__(self, carry, x, positions, segment_ids):
         cfg = self.config
         z_low, z_high = carry
-        steps = _iterate(_LowStep, cfg.hrm_steps, 4)(cfg, self.deterministic, self.decode,
-                                                   name='low_steps')
+        steps = _iterate(_LowStep, cfg.hrm_steps, 4)(
+            cfg, self.execution, self.deterministic, self.decode, name='low_steps')
         z_low, _ = steps(z_low, z_high, x, positions, segment_ids)
         high = LayerStack(cfg, Block, cfg.hrm_high_layers,
                           out_norm=cfg.norm_placement == NormPlacement.PRE,
-                          deterministic=self.deterministic, decode=self.decode, name='high')
+                          execution=self.execution, deterministic=self.deterministic,
+                          decode=self.decode, name='high')
         z_high = high(z_high + z_low, positions, segment_ids)
         return (z_low, z_high), None
 
@@ -105,10 +105,11 @@ class _Cycle(nn.Module):
 class HRMLM(nn.Module):
     """Embedder, the HRM L/H iteration, final norm (pre-norm only), head."""
     config: ModelConfig
+    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
-        self.embedder = make_embedder(cfg)
+        self.embedder = make_embedder(cfg, self.execution)
         self.embed_norm = make_norm(cfg, 'embed_norm')
         if cfg.norm_placement == NormPlacement.PRE:
             self.final_norm = make_norm(cfg, 'final_norm')
@@ -145,38 +146,9 @@ class HRMLM(nn.Module):
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
         z_low = jnp.broadcast_to(self.z_low_init.astype(x.dtype), x.shape)  # (B, T, D)
         z_high = jnp.broadcast_to(self.z_high_init.astype(x.dtype), x.shape)  # (B, T, D)
-        cycles = _iterate(_Cycle, cfg.hrm_cycles, 3)(cfg, deterministic, decode, name='cycles')
+        cycles = _iterate(_Cycle, cfg.hrm_cycles, 3)(cfg, self.execution, deterministic, decode,
+                                                     name='cycles')
         (_, z_high), _ = cycles((z_low, z_high), x, positions, segment_ids)
         if cfg.norm_placement == NormPlacement.PRE:
             z_high = self.final_norm(z_high)
         return z_high
-
-
-def _block_param_count(config: ModelConfig) -> int:
-    """One Transformer block: Q/K/V/O projections, feed-forward, two norms."""
-    d, h = config.embed_dim, config.effective_head_dim
-    q, kv = config.num_heads * h, config.num_kv_heads * h
-    attention = d * q + 2 * d * kv + q * d + (q + 2 * kv + d if config.use_bias else 0)
-    return attention + feed_forward_param_count(config) + 2 * norm_param_count(config)
-
-
-def parameter_counts_hrm(config: ModelConfig) -> dict:
-    """Analytical parameter counts of `HRMLM(config)`.
-
-    L and H are stacks of hrm_low_layers / hrm_high_layers Transformer blocks (plus an
-    out norm each with pre-norm); their weights are shared across iterations, so N and T
-    do not change the count.
-
-    Returns:
-      dict with 'embedding', 'head', 'initial_states' (2 D), 'low_module',
-      'high_module', 'norms' (embed_norm and, pre-norm only, final_norm) and 'total'.
-    """
-    pre = config.norm_placement == NormPlacement.PRE
-    norm, block = norm_param_count(config), _block_param_count(config)
-    counts = dict(embedding_param_counts(config))
-    counts['initial_states'] = 2 * config.embed_dim
-    counts['low_module'] = config.hrm_low_layers * block + (norm if pre else 0)
-    counts['high_module'] = config.hrm_high_layers * block + (norm if pre else 0)
-    counts['norms'] = norm * (2 if pre else 1)
-    counts['total'] = sum(counts.values())
-    return counts

@@ -35,18 +35,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rustgpt_jax.arch._stack import (
-    LayerStack,
-    embedding_param_counts,
-    feed_forward_param_count,
-    make_embedder,
-    norm_param_count,
-    prepare_inputs,
-)
+from rustgpt_jax import axes
+from rustgpt_jax.arch._stack import LayerStack, make_embedder, prepare_inputs
 from rustgpt_jax.config import ModelConfig, NormPlacement
-from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.block import make_feed_forward, make_norm
 from rustgpt_jax.nn.dense import dense
+from rustgpt_jax.param_counts import hypermixer_hidden_dim, parameter_counts_hypermixer
+from rustgpt_jax.runtime.execution import Execution
+
+__all__ = ['CausalHyperMixing', 'HyperMixerBlock', 'HyperMixerLM', 'hypermixer_hidden_dim',
+           'parameter_counts_hypermixer', 'sinusoidal_features']
 
 
 def sinusoidal_features(positions, dim: int):
@@ -106,8 +104,10 @@ class HyperNetwork(nn.Module):
     @nn.compact
     def __call__(self, z):
         """Args: z (B, T, D). Returns (B, T, d')."""
-        h = dense(self, 'up', z, z.shape[-1], (axes.EMBED, axes.MLP))  # (B, T, D)
-        return dense(self, 'down', jax.nn.gelu(h), self.features, (axes.MLP, axes.EMBED))
+        fields = dict(use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                      param_dtype=self.param_dtype, execution=Execution())
+        h = dense('up', z, z.shape[-1], (axes.EMBED, axes.MLP), **fields)  # (B, T, D)
+        return dense('down', jax.nn.gelu(h), self.features, (axes.MLP, axes.EMBED), **fields)
 
 
 class CausalHyperMixing(nn.Module):
@@ -177,9 +177,11 @@ class HyperMixerBlock(nn.Module):
     """Token mixing + channel mixing, with the Transformer block's residual/norm layout.
 
     Pre-norm: x + f(norm(x)); post-norm: norm(x + f(x)). Same call signature as
-    `rustgpt_jax.nn.Block`, so it stacks with `nn.scan` the same way.
+    `rustgpt_jax.nn.Block`, so it stacks with `nn.scan` the same way. `execution`
+    applies to the feed-forward layer (the hypernetworks keep the standard layout).
     """
     config: ModelConfig
+    execution: Execution = Execution()
     deterministic: bool = True
     decode: bool = False
 
@@ -195,7 +197,7 @@ class HyperMixerBlock(nn.Module):
             hidden_dim=hypermixer_hidden_dim(cfg), use_bias=cfg.use_bias,
             init_std=cfg.init_std, decode=self.decode, dtype=cfg.compute_dtype,
             param_dtype=cfg.params_dtype, name='token_mixing')
-        ffn = make_feed_forward(cfg, 'ffn')
+        ffn = make_feed_forward(cfg, 'ffn', self.execution)
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         mix_norm, ffn_norm = make_norm(cfg, 'mix_norm'), make_norm(cfg, 'ffn_norm')
         if cfg.norm_placement == NormPlacement.PRE:
@@ -211,9 +213,10 @@ class HyperMixerBlock(nn.Module):
 class HyperMixerLM(nn.Module):
     """Embedder, `num_layers` HyperMixer blocks, final norm (pre-norm only), head."""
     config: ModelConfig
+    execution: Execution = Execution()
 
     def setup(self):
-        self.embedder = make_embedder(self.config)
+        self.embedder = make_embedder(self.config, self.execution)
         if self.config.norm_placement == NormPlacement.PRE:
             self.final_norm = make_norm(self.config, 'final_norm')
 
@@ -244,35 +247,9 @@ class HyperMixerLM(nn.Module):
         x = self.embedder.encode(tokens, positions)  # (B, T, D)
         x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
         x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-        x = LayerStack(cfg, HyperMixerBlock, cfg.num_layers, deterministic=deterministic,
-                       decode=decode, name='stack')(x, positions, segment_ids)
+        x = LayerStack(cfg, HyperMixerBlock, cfg.num_layers, execution=self.execution,
+                       deterministic=deterministic, decode=decode, name='stack')(
+                           x, positions, segment_ids)
         if cfg.norm_placement == NormPlacement.PRE:
             x = self.final_norm(x)
         return x
-
-
-def hypermixer_hidden_dim(config: ModelConfig) -> int:
-    """d': `config.hypermixer_hidden_dim`, defaulting to `config.hidden_dim`."""
-    return config.hypermixer_hidden_dim or config.hidden_dim
-
-
-def parameter_counts_hypermixer(config: ModelConfig) -> dict:
-    """Analytical parameter counts of `HyperMixerLM(config)`.
-
-    Per layer: two hypernetworks (D*D + D*d' weights, D + d' biases with use_bias),
-    the feed-forward, and two norms; plus the embedding, the head (0 when tied) and the
-    final norm (pre-norm only).
-
-    Returns:
-      dict with 'embedding', 'head', 'token_mixing', 'feed_forward', 'norms' and
-      'total' (their sum).
-    """
-    d, c, layers = config.embed_dim, hypermixer_hidden_dim(config), config.num_layers
-    hyper = d * d + d * c + (d + c if config.use_bias else 0)
-    final = 1 if config.norm_placement == NormPlacement.PRE else 0
-    counts = dict(embedding_param_counts(config))
-    counts['token_mixing'] = layers * 2 * hyper
-    counts['feed_forward'] = layers * feed_forward_param_count(config)
-    counts['norms'] = (2 * layers + final) * norm_param_count(config)
-    counts['total'] = sum(counts.values())
-    return counts

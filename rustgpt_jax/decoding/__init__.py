@@ -2,6 +2,7 @@
 
 from rustgpt_jax.decoding.beam import BeamConfig, BeamOutput, adapt_width, beam_search, entropy
 from rustgpt_jax.decoding.cache import (
+    DecodeModel,
     cache_batch_axes,
     context_limit,
     default_matvec_impl,
@@ -25,7 +26,7 @@ from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_sto
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency, current_wakeup_latency
 
 __all__ = [
-    'BeamConfig', 'BeamOutput', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
+    'BeamConfig', 'BeamOutput', 'DecodeModel', 'GenerationOutput', 'SamplingConfig', 'TextStreamer',
     'adapt_width', 'beam_search', 'cache_batch_axes', 'context_limit', 'cpu_wakeup_latency',
     'current_wakeup_latency', 'decode_step', 'default_matvec_impl', 'default_row_blocks',
     'entropy', 'filtered_logits', 'generate', 'init_cache', 'left_pad', 'prefill',

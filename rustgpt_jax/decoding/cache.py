@@ -17,16 +17,18 @@ padding, which is never written to the cache nor attended.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rustgpt_jax.config import FeedForwardType, MatvecImpl, ModelConfig, PositionType
-from rustgpt_jax.kernels import cpu_gemv
-from rustgpt_jax.nn.packing import pack_blocks, pack_projections
+from rustgpt_jax.config import FeedForwardType, ModelConfig, PositionType
+from rustgpt_jax.models import build_model
+from rustgpt_jax.native import cpu_gemv
+from rustgpt_jax.nn.packing import check_row_blocks, pack_blocks, pack_projections
+from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 
 # Single prompts are left-padded to a multiple of this, so a chat session reuses a few
 # compiled prefill programs instead of compiling one per prompt length.
@@ -187,66 +189,81 @@ def unstack_layers(config: ModelConfig, params,
     return config.replace(scan_layers=False), params
 
 
-def prepare_for_decode(config: ModelConfig, params, row_blocks: Optional[tuple] = None,
-                       matvec_impl: Optional[str] = None) -> tuple[ModelConfig, dict]:
+class DecodeModel(NamedTuple):
+    """A model in its decode form: the config, params in `execution`'s layout, and how
+    its products run. `model` builds the Flax module."""
+    config: ModelConfig
+    params: dict
+    execution: Execution
+
+    @property
+    def model(self):
+        return build_model(self.config, self.execution)
+
+
+def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = False,
+                       row_blocks: Optional[tuple] = None,
+                       matvec: Optional[MatvecImpl | str] = None,
+                       gemv_threads: Optional[int] = None, gemv_spin_us: Optional[int] = None,
+                       kernel_cache_dir: Optional[str] = None) -> DecodeModel:
     """The fastest decode form of a model: unrolled layers, packed projections.
 
     All are layout or kernel changes of the same function (`unstack_layers`,
-    `nn.packing.pack_projections`, `ModelConfig.matvec_row_blocks` and `matvec_impl`);
-    the CLIs and benchmarks decode through this.
+    `nn.packing.pack_projections`, `runtime.Execution`); the CLIs and benchmarks decode
+    through this.
 
     Args:
-      config, params: a model as trained or imported (any layout).
-      row_blocks: `ModelConfig.matvec_row_blocks` of the result; None keeps the
-        config's, or if it has none picks `default_row_blocks` for the backend.
-      matvec_impl: `ModelConfig.matvec_impl` of the result ('xla' or 'cpu_gemv'); None
-        keeps a config's 'cpu_gemv', or picks `default_matvec_impl` for the backend.
+      config, params: a model as trained or imported (scanned or unrolled layers).
+      params_packed: `params` are already in the packed layout.
+      row_blocks: `Execution.row_blocks`; None picks `default_row_blocks` for the backend.
+      matvec: `Execution.matvec`; None picks `default_matvec_impl` for the backend.
+      gemv_threads, gemv_spin_us, kernel_cache_dir: `Execution`'s native kernel settings.
 
     Returns:
-      (config, params) to build the decoding model from.
+      The `DecodeModel`.
     """
-    if config.packed_projections or not config.scan_layers:
-        config, params = pack_projections(*unstack_layers(config, params))
+    if params_packed or not config.scan_layers:
+        config, params = unstack_layers(config, params)
+        if not params_packed:
+            params = pack_projections(params)
     else:
         # Packed layer by layer as it is sliced out: a large model holds its stacked
-        # params plus one more copy, not stacked + unrolled + packed (TinyLlama-1.1B in
-        # float32: 8.8 GB instead of 13).
+        # params plus one more copy, not stacked + unrolled + packed.
         config, params = unstack_layers(config, params, per_layer=pack_blocks)
-        config = config.replace(packed_projections=True)
     if row_blocks is None:
-        row_blocks = config.matvec_row_blocks or default_row_blocks(config)
-    if matvec_impl is None:
-        matvec_impl = (config.matvec_impl if config.matvec_impl != MatvecImpl.XLA
-                       else default_matvec_impl(config))
-    return config.replace(matvec_row_blocks=tuple(row_blocks), matvec_impl=matvec_impl), params
+        row_blocks = default_row_blocks(config)
+    if matvec is None:
+        matvec = default_matvec_impl(config, directory=kernel_cache_dir)
+    execution = Execution(packed=True, row_blocks=row_blocks, matvec=matvec,
+                          gemv_threads=gemv_threads, gemv_spin_us=gemv_spin_us,
+                          kernel_cache_dir=kernel_cache_dir)
+    check_row_blocks(config, execution.row_blocks)
+    return DecodeModel(config, params, execution)
 
 
-def default_matvec_impl(config: ModelConfig, backend: Optional[str] = None) -> str:
-    """`matvec_impl` for decoding on `backend` (default: JAX's).
+def default_matvec_impl(config: ModelConfig, backend: Optional[str] = None,
+                        directory: Optional[str] = None) -> MatvecImpl:
+    """`Execution.matvec` for decoding on `backend` (default: JAX's).
 
-    'cpu_gemv' on CPU for float32 models where the kernel builds
-    (`kernels.cpu_gemv.available()`): batch-1 decoding of the 134M benchmark model was
-    faster with it (benchmarks/decode_speed.py prints both). Otherwise 'xla', with one
-    warning that says why where the kernel cannot be built here.
+    CPU_GEMV on CPU for float32 models where the kernel builds (into `directory`, see
+    `native.cpu_gemv.cache_dir`); it decoded faster (benchmarks/RESULTS.md). Otherwise
+    XLA, with one warning that says why where the kernel cannot be built here.
     """
     backend = backend or jax.default_backend()
     if backend != 'cpu' or config.dtype != 'float32' or config.param_dtype != 'float32':
-        return 'xla'
-    if not cpu_gemv.available():
+        return MatvecImpl.XLA
+    if not cpu_gemv.available(directory):
         cpu_gemv.warn_unavailable_once()
-        return 'xla'
-    return 'cpu_gemv'
+        return MatvecImpl.XLA
+    return MatvecImpl.CPU_GEMV
 
 
 def default_row_blocks(config: ModelConfig, backend: Optional[str] = None) -> tuple:
-    """`matvec_row_blocks` for batch-1 decoding on `backend` (default: JAX's).
+    """`Execution.row_blocks` for batch-1 decoding on `backend` (default: JAX's).
 
-    On CPU the feed-forward down projection (D, F) is split into two row blocks:
-    XLA:CPU's matrix-vector product (Eigen, shared out over the pool threads) streamed
-    the 110M benchmark model's 768 x 2048 kernel at 20-22 GB/s and two 384 x 2048 blocks
-    at 27-33 GB/s, while q/k/v, o and gate/up kernels gained nothing
-    (benchmarks/decode_speed.py prints both forms).
-    Other backends: no blocks.
+    On CPU the feed-forward down projection (D, F) is split into two row blocks, which
+    XLA:CPU's matrix-vector product streams faster than the whole matrix; the other
+    kernels gained nothing (benchmarks/RESULTS.md). Other backends: no blocks.
     """
     backend = backend or jax.default_backend()
     if backend != 'cpu' or config.embed_dim % 2:

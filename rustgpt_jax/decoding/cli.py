@@ -27,20 +27,19 @@ from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
 from rustgpt_jax.decoding.sampling import SamplingConfig
 from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
-from rustgpt_jax.models import build_model
+from rustgpt_jax.interop.gguf import load_gguf
+from rustgpt_jax.training.checkpoint import load_for_inference
 
 CHAT_STOP = ('\nUser:',)  # a chat answer ends where the model starts the next turn
 
 
 def load_checkpoint(directory: str, which: str = 'best'):
     """(config, params, tokenizer) of a saved run (the training package's loader)."""
-    from rustgpt_jax.training.checkpoint import load_for_inference
     return load_for_inference(directory, which=which)
 
 
 def load_gguf_model(path: str, context: Optional[int] = None):
     """(config, params, tokenizer) of a llama GGUF file; `context` sizes the KV cache."""
-    from rustgpt_jax.interop.gguf import load_gguf
     return load_gguf(path, max_seq_len=context)
 
 
@@ -61,8 +60,9 @@ class Session:
     def __init__(self, config, params, tokenizer, err: TextIO = sys.stderr,
                  add_bos: bool = False):
         self.add_bos = add_bos and tokenizer.bos_id is not None
-        self.config, self.params = prepare_for_decode(config, params)
-        self.model = build_model(self.config)
+        decode_form = prepare_for_decode(config, params)
+        self.config, self.params = decode_form.config, decode_form.params
+        self.model = decode_form.model
         self.tokenizer = tokenizer
         self.limit = context_limit(self.config)
         self.err = err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import flax
 import numpy as np
 
 from rustgpt_jax.config import (
@@ -32,7 +33,6 @@ from rustgpt_jax.config import (
     PositionType,
     WindowStrategy,
 )
-from rustgpt_jax.nn.packing import as_configured, unpack_projections
 
 _MODEL_TYPES = ('llama', 'mistral')
 # Non-persistent buffers some older checkpoints still carry; they hold no weights.
@@ -278,8 +278,16 @@ def params_from_hf(state_dict: Mapping[str, Any], config: ModelConfig) -> dict:
         params.update({f'layer_{i}': layer for i, layer in enumerate(layers)})
     dtype = config.params_dtype
     params = _map_tree(lambda a: jnp.asarray(a, dtype), params)
-    params = as_configured(config, params)  # built in the standard layout
     return params
+
+
+def _paths(tree, prefix=()):
+    """Key paths of a nested dict's leaves."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _paths(value, prefix + (key,))
+    else:
+        yield prefix
 
 
 def _map_tree(fn, tree):
@@ -300,10 +308,11 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np
       tied), so `model.load_state_dict(..., strict=True)` accepts it after
       `torch.from_numpy`.
     """
-    import flax
-
     _check_hf_compatible(config)
-    config, params = unpack_projections(config, flax.core.meta.unbox(params))
+    params = flax.core.meta.unbox(params)
+    if any(name in str(path) for path in _paths(params) for name in ('qkv_proj', 'w13')):
+        raise ValueError('params_to_hf: these params are in the packed layout; export the '
+                         'standard layout (nn.packing.unpack_projections(config, params))')
     np32 = lambda a: np.asarray(a, np.float32)
     d, lc = config.embed_dim, config.num_layers
     embedder = params['embedder']

@@ -1,7 +1,6 @@
-"""Pallas attention kernels (fused training attention and single-token decode) and, in
-`kernels.cpu_gemv`, an XLA FFI matrix-vector kernel for CPU decode steps."""
+"""Pallas attention kernels: fused training attention and single-token decode."""
 
 from rustgpt_jax.kernels.decode import flash_decode
-from rustgpt_jax.kernels.flash_attention import BlockSizes, flash_attention
+from rustgpt_jax.kernels.flash_attention import flash_attention
 
-__all__ = ['BlockSizes', 'flash_attention', 'flash_decode']
+__all__ = ['flash_attention', 'flash_decode']

@@ -12,48 +12,10 @@ the layout (T != S) turn skipping off and every block is visited (still exact).
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 from jax import lax
 
 from rustgpt_jax import masks as masks_lib
-
-# Finite (as in ops/reference.py) so that max/exp never see inf - inf.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def _is_power_of_2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the attention kernels.
-
-    Attributes:
-      block_q, block_k: query / key rows per tile of the forward kernel.
-      block_q_bwd, block_k_bwd: the same for the dq and dk/dv kernels.
-
-    Every size is clamped to the (padded) sequence length, so small inputs still run.
-    The Triton lowering needs powers of 2; the TPU kernel needs multiples of 128 for
-    block_k* (lane dimension of the key positions) and of 8 for block_q*.
-    """
-    block_q: int = 128
-    block_k: int = 64
-    block_q_bwd: int = 64
-    block_k_bwd: int = 64
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or not _is_power_of_2(value):
-                raise ValueError(f'BlockSizes.{field.name} must be a positive power of 2, '
-                                 f'got {value!r}')
-
-    @classmethod
-    def for_tpu(cls) -> 'BlockSizes':
-        return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
 
 
 def clamp_block(block: int, length: int) -> int:
@@ -107,7 +69,7 @@ def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, *, dot):
       v: (bk, H) values.
       dot: matmul (a (m, k), b (k, n)) -> (m, n) float32 of the backend.
     """
-    s = jnp.where(mask, s, MASK_VALUE)
+    s = jnp.where(mask, s, masks_lib.MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     # Masked entries are zeroed explicitly: a row with nothing visible yet keeps l = 0.
     p = jnp.where(mask, jnp.exp(s - m_new), 0.0)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.kernels import _common as cm
 
 
@@ -72,7 +73,7 @@ def _fwd_kernel(*refs, scale, block_q, block_k, skip, has_seg):
 
     @pl.when(kj == 0)
     def _init():
-        m_sc[...] = jnp.full(m_sc.shape, cm.MASK_VALUE, jnp.float32)
+        m_sc[...] = jnp.full(m_sc.shape, masks_lib.MASK_VALUE, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 

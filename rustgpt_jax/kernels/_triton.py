@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.kernels import _common as cm
 
 
@@ -62,7 +63,7 @@ def _fwd_kernel(win_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v
         mask = cm.tile_mask(q_pos, _col(kpos_ref, sl), window, q_seg, k_seg)
         return cm.online_softmax_step(s, mask, m, denom, acc, v_ref[sl, :], dot=cm.dot_nn)
 
-    m = jnp.full((block_q, 1), cm.MASK_VALUE, jnp.float32)
+    m = jnp.full((block_q, 1), masks_lib.MASK_VALUE, jnp.float32)
     denom = jnp.zeros((block_q, 1), jnp.float32)
     acc = jnp.zeros(q.shape, jnp.float32)
     m, denom, acc = lax.fori_loop(lo, hi, body, (m, denom, acc))

@@ -48,7 +48,7 @@ def _decode_kernel(win_ref, qpos_ref, kpos_ref, q_ref, k_ref, v_ref, acc_ref, m_
         return cm.online_softmax_step(s, mask, m, denom, acc, v_ref[sl, :], dot=cm.dot_nn)
 
     rows = q.shape[0]
-    init = (jnp.full((rows, 1), cm.MASK_VALUE, jnp.float32),
+    init = (jnp.full((rows, 1), masks_lib.MASK_VALUE, jnp.float32),
             jnp.zeros((rows, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
     m, denom, acc = lax.fori_loop(0, num_blocks, body, init)
     acc_ref[...] = acc

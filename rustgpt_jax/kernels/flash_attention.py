@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.kernels import _common as cm
 from rustgpt_jax.kernels import _mosaic, _triton
-from rustgpt_jax.kernels._common import BlockSizes
 from rustgpt_jax.ops.reference import mha_reference as reference
+from rustgpt_jax.ops.tiling import BlockSizes
 
-__all__ = ['BlockSizes', 'flash_attention', 'reference', 'default_backend']
+__all__ = ['flash_attention', 'reference', 'default_backend']
 
 BACKENDS = ('triton', 'mosaic')
 _SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -183,20 +183,22 @@ def flash_attention(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO_W
         raise ValueError(f'skip_blocks needs the self-attention layout T == S, got T={t}, '
                          f'S={s}')
     if block_sizes is None:
-        block_sizes = BlockSizes.for_tpu() if backend == 'mosaic' else BlockSizes()
+        block_sizes = BlockSizes.for_tpu() if backend == 'mosaic' else BlockSizes.for_triton()
+    block_sizes.check_power_of_2()
+    block_q_bwd, block_k_bwd = block_sizes.backward
     scale = float(h ** -0.5 if scale is None else scale)
 
     if skip_blocks:
         # One padded length for both sides keeps query i and key i the same token.
         length = max(t, s)
         blocks = [cm.clamp_block(bs, length) for bs in (
-            block_sizes.block_q, block_sizes.block_k, block_sizes.block_q_bwd,
-            block_sizes.block_k_bwd)]
+            block_sizes.block_q, block_sizes.block_k, block_q_bwd,
+            block_k_bwd)]
         t_pad = s_pad = cm.round_up(length, max(blocks))
     else:
         blocks = [cm.clamp_block(block_sizes.block_q, t), cm.clamp_block(block_sizes.block_k, s),
-                  cm.clamp_block(block_sizes.block_q_bwd, t),
-                  cm.clamp_block(block_sizes.block_k_bwd, s)]
+                  cm.clamp_block(block_q_bwd, t),
+                  cm.clamp_block(block_k_bwd, s)]
         t_pad = cm.round_up(t, max(blocks[0], blocks[2]))
         s_pad = cm.round_up(s, max(blocks[1], blocks[3]))
     # Triton arrays must have power-of-2 sizes; zero columns leave q.k and o unchanged.

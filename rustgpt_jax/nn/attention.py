@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rustgpt_jax import axes
+from rustgpt_jax.adaptive.adaattn import make_attention_core
+from rustgpt_jax.adaptive.core import attention_with_entropy
 from rustgpt_jax.config import AttentionImpl, AttentionVariant, PrecisionPolicy
-from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.dense import dense
 from rustgpt_jax.nn.rope import apply_rope
-from rustgpt_jax.ops.attention import dot_product_attention
-from rustgpt_jax.ops.decode import cached_decode_attention
+from rustgpt_jax.runtime.attention import AttentionKernels, attention_kernels
+from rustgpt_jax.runtime.execution import Execution
 
 
 class Attention(nn.Module):
-    """Q/K/V/O projections around `ops.attention.dot_product_attention`.
+    """Q/K/V/O projections around the attention of `runtime.attention.attention_kernels`.
 
     GQA groups query heads over KV heads inside the attention op; K/V projections have
     only `num_kv_heads` heads, so no weight or activation is ever copied per query head.
@@ -29,8 +30,7 @@ class Attention(nn.Module):
     is a ring of C = W slots and memory stays flat (SPEC §3).
     Heads come before slots so that each head's keys are one contiguous (C, H) matrix,
     the operand layout of the decode step's score dot: a (B, C, K, H) cache made XLA:CPU
-    transpose-copy every layer's keys and values on every token (batch-8 decode of the
-    110M benchmark model: 106 -> 143 tokens/s with this layout).
+    transpose-copy every layer's keys and values on every token (benchmarks/RESULTS.md).
 
     `variant` replaces the kernel by an AdaAttn core (SPEC §4; rustgpt_jax.adaptive),
     in the cached decode path too. With `with_entropy` the layer returns
@@ -55,9 +55,7 @@ class Attention(nn.Module):
     precision_policy: PrecisionPolicy = PrecisionPolicy.BALANCED
     with_entropy: bool = False
     entropy_rows: int = 64
-    packed: bool = False
-    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
-    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):
@@ -71,54 +69,56 @@ class Attention(nn.Module):
           (B, T, D), or ((B, T, D), H float32 scalar) when `with_entropy`.
         """
         n, kh, h = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.packed:  # one output-major (N + 2K, H, D) kernel (nn.packing)
-            qkv = dense(self, 'qkv_proj', x, (n + 2 * kh, h),
-                        (axes.EMBED, axes.QKV_HEADS, axes.HEAD_DIM))  # (B,T,N+2K,H)
+        if self.execution.packed:  # one output-major (N + 2K, H, D) kernel (nn.packing)
+            qkv = self._project('qkv_proj', x, (n + 2 * kh, h),
+                                (axes.EMBED, axes.QKV_HEADS, axes.HEAD_DIM))  # (B,T,N+2K,H)
             q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
         else:
-            q = dense(self, 'q_proj', x, (n, h),
-                      (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
-            k = dense(self, 'k_proj', x, (kh, h),
-                      (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
-            v = dense(self, 'v_proj', x, (kh, h),
-                      (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+            q = self._project('q_proj', x, (n, h),
+                              (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
+            k = self._project('k_proj', x, (kh, h),
+                              (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
+            v = self._project('v_proj', x, (kh, h),
+                              (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
         if self.use_rope:
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
 
-        # Lazy: rustgpt_jax.adaptive imports nn.axes, so a top-level import would cycle.
-        from rustgpt_jax.adaptive.adaattn import make_attention_core
-        from rustgpt_jax.adaptive.core import attention_with_entropy
+        # An AdaAttn core (SPEC §4) replaces the kernels everywhere; None for STANDARD.
         core = make_attention_core(
             self.variant, num_heads=n, num_kv_heads=kh, head_dim=h, ranks=self.adaattn_ranks,
             threshold=self.adaattn_rank_threshold, policy=self.precision_policy,
             impl=self.impl, param_dtype=self.param_dtype)
+        kernels = attention_kernels(self.impl)
         entropy = None
         if self.decode:
-            attend = dot_product_attention if core is None else core
-            out = self._attend_with_cache(q, k, v, positions, segment_ids, window, attend)
+            out = self._attend_with_cache(q, k, v, positions, segment_ids, window, core,
+                                          kernels)
         elif self.with_entropy:
-            kernel = None  # None: the reference path, exact entropy from its probabilities
-            if core is not None or self.impl != AttentionImpl.REFERENCE:
-                kernel = core if core is not None else functools.partial(
-                    dot_product_attention, impl=self.impl)
+            # attend=None: exact entropy from the dense kernel's own probabilities.
+            exact = core is None and kernels.dense_probs
             out, entropy = attention_with_entropy(
                 q, k, v, q_positions=positions, kv_positions=positions, window=window,
-                q_segment_ids=segment_ids, kv_segment_ids=segment_ids, attend=kernel,
+                q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                attend=None if exact else (kernels.full if core is None else core),
                 rows=self.entropy_rows)
         else:
-            attend = core if core is not None else functools.partial(
-                dot_product_attention, impl=self.impl)
+            attend = kernels.full if core is None else core
             out = attend(q, k, v, q_positions=positions, kv_positions=positions, window=window,
                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         out = nn.with_logical_constraint(out, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
-        out = dense(self, 'o_proj', out, x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
-                    contract=2)  # (B, T, D)
+        out = self._project('o_proj', out, x.shape[-1], (axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                            contract=2)  # (B, T, D)
         return out if not self.with_entropy else (out, entropy)
 
-    def _attend_with_cache(self, q, k, v, positions, segment_ids, window,
-                           attend=dot_product_attention):
+    def _project(self, name, x, features, kernel_axes, contract=1):
+        return dense(name, x, features, kernel_axes, contract=contract, use_bias=self.use_bias,
+                     init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+                     execution=self.execution)
+
+    def _attend_with_cache(self, q, k, v, positions, segment_ids, window, core,
+                           kernels: AttentionKernels):
         if segment_ids is not None:
             raise ValueError('decode mode does not take segment_ids: decode one sequence per '
                              'row (left-pad prompts with negative positions instead)')
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         if c < 1:
             raise ValueError('Attention.cache_length must be >= 1 in decode mode')
         initialised = self.has_variable('cache', 'key')
-        # Stored (B, K, C, H); `attend` sees the (B, C, K, H) view (see the class docstring).
+        # Stored (B, K, C, H); the kernels see the (B, C, K, H) view (see the class docstring).
         kv_shape = (b, k.shape[2], c, k.shape[3])
         cache_k = self.variable('cache', 'key', jnp.zeros, kv_shape, k.dtype)
         cache_v = self.variable('cache', 'value', jnp.zeros, kv_shape, v.dtype)
@@ -135,20 +135,20 @@ class Attention(nn.Module):
         # Columns written so far, shared by all rows (see `_write`).
         cache_index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
         if not initialised:  # model.init(..., decode=True) only creates the cache.
-            return attend(q, k, v, q_positions=positions, kv_positions=positions,
-                          window=window)
+            return (kernels.full if core is None else core)(q, k, v, q_positions=positions,
+                                          kv_positions=positions, window=window)
         if cache_k.value.shape[0] != b:
             raise ValueError(f'cache was built for batch {cache_k.value.shape[0]}, got {b}')
 
-        def view(x):  # (B, K, C, H) storage -> the (B, C, K, H) layout of `attend`
+        def view(x):  # (B, K, C, H) storage -> the (B, C, K, H) layout of the kernels
             return jnp.swapaxes(x, 1, 2)
 
-        if t == 1 and attend is dot_product_attention and self.impl != AttentionImpl.PALLAS:
+        if t == 1 and core is None and kernels.step_before_write:
             # Attend over [old cache, new token], then write: the slot being overwritten
-            # holds column i - C, which the mask excludes (see ops.decode).
-            out = cached_decode_attention(
+            # holds column i - C, which the mask excludes (runtime.decode_attention).
+            out = kernels.step(
                 q, k, v, cache_k.value, cache_v.value, q_positions=positions,
-                cache_positions=cache_pos.value, window=window, matvec_impl=self.matvec_impl)
+                cache_positions=cache_pos.value, window=window, execution=self.execution)
             # `tie` (an exact zero) makes the write depend on the attention output, so
             # XLA must order the reads of the old cache before the in-place update;
             # without the dependency it keeps both versions alive by copying every
@@ -157,12 +157,10 @@ class Attention(nn.Module):
             self._write(cache_k, cache_v, cache_pos, cache_index, k + tie, v + tie, positions)
             return out
         if t == 1:
-            # Other cores (AdaAttn, the Pallas decode kernel) see the C slots: write
+            # Other steps (AdaAttn cores, the Pallas decode kernel) see the C slots: write
             # first, then attend.
             self._write(cache_k, cache_v, cache_pos, cache_index, k, v, positions)
-            if self.impl == AttentionImpl.PALLAS and attend is dot_product_attention:
-                from rustgpt_jax.kernels import flash_decode  # lazy: Pallas import is heavy
-                attend = flash_decode
+            attend = kernels.step if core is None else core
             return attend(q, view(cache_k.value), view(cache_v.value), q_positions=positions,
                           kv_positions=cache_pos.value, window=window)
         # Prefill: later tokens of the chunk may overwrite keys earlier ones need, so
@@ -170,8 +168,8 @@ class Attention(nn.Module):
         keys = jnp.concatenate([view(cache_k.value), k], axis=1)  # (B, C + T, K, H)
         values = jnp.concatenate([view(cache_v.value), v], axis=1)
         kv_pos = jnp.concatenate([cache_pos.value, positions], axis=1)  # (B, C + T)
-        out = attend(q, keys, values, q_positions=positions, kv_positions=kv_pos,
-                     window=window)
+        out = (kernels.full if core is None else core)(q, keys, values, q_positions=positions,
+                                     kv_positions=kv_pos, window=window)
         self._write(cache_k, cache_v, cache_pos, cache_index, k, v, positions)
         return out
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rustgpt_jax import axes
 from rustgpt_jax.config import FeedForwardType, ModelConfig, NormPlacement, NormType, PositionType
-from rustgpt_jax.nn import axes
 from rustgpt_jax.nn.attention import Attention
 from rustgpt_jax.nn.feed_forward import ReluFeedForward, SwiGLU
 from rustgpt_jax.nn.norms import LayerNorm, RMSNorm
 from rustgpt_jax.nn.window import WindowController
+from rustgpt_jax.runtime.execution import Execution
 
 
 def make_norm(config: ModelConfig, name: str) -> nn.Module:
@@ -20,20 +21,27 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
                param_dtype=config.params_dtype, name=name)
 
 
-def make_feed_forward(config: ModelConfig, name: str) -> nn.Module:
+def make_feed_forward(config: ModelConfig, name: str,
+                      execution: Execution = Execution()) -> nn.Module:
     """The configured feed-forward layer."""
     cls = {FeedForwardType.SWIGLU: SwiGLU, FeedForwardType.RELU: ReluFeedForward}[
         config.feed_forward]
     return cls(hidden_dim=config.hidden_dim, use_bias=config.use_bias,
                init_std=config.init_std, dtype=config.compute_dtype,
-               param_dtype=config.params_dtype, packed=config.packed_projections,
-               row_blocks=config.matvec_row_blocks, matvec_impl=config.matvec_impl.value,
-               name=name)
+               param_dtype=config.params_dtype, execution=execution, name=name)
 
 
 class Block(nn.Module):
-    """Pre-norm: x + f(norm(x)). Post-norm (the Rust code): norm(x + f(x))."""
+    """Pre-norm: x + f(norm(x)). Post-norm (the Rust code): norm(x + f(x)).
+
+    Attributes:
+      config: the model.
+      execution: how its products run (`runtime.Execution`).
+      deterministic: disables dropout when True.
+      decode: use and update the `cache` collection.
+    """
     config: ModelConfig
+    execution: Execution = Execution()
     deterministic: bool = True
     decode: bool = False
 
@@ -61,8 +69,7 @@ class Block(nn.Module):
             variant=cfg.attention_variant, adaattn_ranks=cfg.adaattn_ranks,
             adaattn_rank_threshold=cfg.adaattn_rank_threshold,
             precision_policy=cfg.precision_policy, with_entropy=with_entropy,
-            packed=cfg.packed_projections, row_blocks=cfg.matvec_row_blocks,
-            matvec_impl=cfg.matvec_impl.value, name='attention')
+            execution=self.execution, name='attention')
 
         def attend(h):
             if not with_entropy:
@@ -71,7 +78,7 @@ class Block(nn.Module):
             controller.observe_entropy(entropy)
             return out
 
-        ffn = make_feed_forward(cfg, 'ffn')
+        ffn = make_feed_forward(cfg, 'ffn', self.execution)
         drop = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         attn_norm, ffn_norm = make_norm(cfg, 'attn_norm'), make_norm(cfg, 'ffn_norm')
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.kernels import cpu_gemv
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
+from rustgpt_jax.runtime import products
+from rustgpt_jax.runtime.execution import Execution
 
 
 class Embedder(nn.Module):
     """Embeds tokens; with `tie_embeddings` also decodes with the transposed table.
 
-    `matvec_impl` ('xla' or 'cpu_gemv', `ModelConfig.matvec_impl`): with 'cpu_gemv' the
-    output head of at most `kernels.cpu_gemv.MAX_ROWS` float32 rows (decode steps) runs
-    through that kernel, reading the (D, V) head or the tied (V, D) table in place.
+    The head's product is `runtime.products.logits` under `execution`.
     """
     vocab_size: int
     embed_dim: int
@@ -27,7 +25,7 @@ class Embedder(nn.Module):
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    matvec_impl: str = 'xla'
+    execution: Execution = Execution()
 
     def setup(self):
         init = nn.initializers.normal(self.init_std)
@@ -55,16 +53,10 @@ class Embedder(nn.Module):
 
     def decode(self, x):
         """Args: x (B, T, D). Returns float32 logits (B, T, V)."""
-        x = x.astype(self.dtype)
-        rows = math.prod(x.shape[:-1])
         # The tied (V, D) table is output-major, the (D, V) head input-major.
         table = self.token_embedding if self.tie_embeddings else self.lm_head
-        if cpu_gemv.applies(self.matvec_impl, rows, x, table):
-            y = cpu_gemv.gemv(x.reshape(rows, -1), table, not self.tie_embeddings)
-            return y.reshape(x.shape[:-1] + (-1,))
-        logits = jnp.einsum('BTD,VD->BTV' if self.tie_embeddings else 'BTD,DV->BTV', x,
-                            table.astype(self.dtype), preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32)
+        return products.logits(x, table, table_output_major=self.tie_embeddings,
+                               dtype=self.dtype, execution=self.execution)
 
     def __call__(self, tokens, positions):
         return self.encode(tokens, positions)

@@ -8,31 +8,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
 from rustgpt_jax.nn.dense import dense
+from rustgpt_jax.runtime.execution import Execution
 
 
 class ReluFeedForward(nn.Module):
     """W2 relu(W1 x + b1) + b2, the RustGPT baseline.
 
-    `packed`: output-major kernels (see `nn.packing`).
+    `execution`: the parameter layout and products (`runtime.Execution`).
     """
     hidden_dim: int
     use_bias: bool = True
-    packed: bool = False
-    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
-    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         """Args: x (B, T, D). Returns (B, T, D)."""
         d = x.shape[-1]
-        h = dense(self, 'up', x, self.hidden_dim, (axes.EMBED, axes.MLP))  # (B, T, F)
+        h = _project(self, 'up', x, self.hidden_dim, (axes.EMBED, axes.MLP))  # (B, T, F)
         h = jax.nn.relu(h)
-        return dense(self, 'down', h, d, (axes.MLP, axes.EMBED))  # (B, T, D)
+        return _project(self, 'down', h, d, (axes.MLP, axes.EMBED))  # (B, T, D)
+
+
+def _project(ffn, name, x, features, kernel_axes):
+    """`nn.dense.dense` with the feed-forward layer's explicit fields."""
+    return dense(name, x, features, kernel_axes, use_bias=ffn.use_bias, init_std=ffn.init_std,
+                 dtype=ffn.dtype, param_dtype=ffn.param_dtype, execution=ffn.execution)
 
 
 @jax.custom_jvp
@@ -42,8 +47,8 @@ def silu(x):
     silu'(x) = s + x * s * (1 - s), s = sigmoid(x), written with 1 - s = sigmoid(-x). In the
     backward pass XLA:CPU fuses this derivative into the transposed copy that feeds the
     W1 weight-gradient dot; with the broadcast constant `1` inside, that fusion takes the
-    slow generic loop emitter (about 6x slower here, a third of the whole SwiGLU step;
-    benchmarks/train_throughput.py). The derivative is exact, only the expression differs.
+    slow generic loop emitter (benchmarks/RESULTS.md, "training"). The derivative is
+    exact, only the expression differs.
     """
     return x * jax.nn.sigmoid(x)
 
@@ -58,27 +63,24 @@ def _silu_jvp(primals, tangents):
 class SwiGLU(nn.Module):
     """W2 (silu(W1 x) * W3 x) (Shazeer, 2020), as in LLaMA / Mistral.
 
-    `packed`: W1 and W3 are one output-major kernel 'w13' (2F, D), W2 is (D, F): one
-    matrix product instead of two, in the layout of fast matrix-vector products
-    (see `nn.packing`).
+    With `execution.packed`, W1 and W3 are one output-major kernel 'w13' (2F, D) and W2
+    is (D, F): one matrix product instead of two (`nn.packing`).
     """
     hidden_dim: int
     use_bias: bool = False
-    packed: bool = False
-    row_blocks: tuple = ()  # ModelConfig.matvec_row_blocks
-    matvec_impl: str = 'xla'  # ModelConfig.matvec_impl
     init_std: float = 0.02
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x):
         """Args: x (B, T, D). Returns (B, T, D)."""
         d, f = x.shape[-1], self.hidden_dim
-        if self.packed:
-            gate_up = dense(self, 'w13', x, 2 * f, (axes.EMBED, axes.MLP_PACKED))  # (B, T, 2F)
+        if self.execution.packed:
+            gate_up = _project(self, 'w13', x, 2 * f, (axes.EMBED, axes.MLP_PACKED))  # (B,T,2F)
             gate, up = gate_up[..., :f], gate_up[..., f:]
         else:
-            gate = dense(self, 'w1', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
-            up = dense(self, 'w3', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
-        return dense(self, 'w2', silu(gate) * up, d, (axes.MLP, axes.EMBED))  # (B, T, D)
+            gate = _project(self, 'w1', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
+            up = _project(self, 'w3', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
+        return _project(self, 'w2', silu(gate) * up, d, (axes.MLP, axes.EMBED))  # (B, T, D)

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
 
 
 class RMSNorm(nn.Module):

@@ -1,6 +1,6 @@
 """Packed projections: the same model with q/k/v and gate/up fused, kernels output-major.
 
-`ModelConfig.packed_projections` changes only the parameter layout:
+`runtime.Execution(packed=True)` changes only the parameter layout:
 
     standard                               packed
     attention.q_proj   (D, N, H)  \\
@@ -11,15 +11,13 @@
     ffn.w2             (F, D)        ->    ffn.w2             (D, F)
     ffn.up / ffn.down  (D, F)/(F, D) ->    (F, D) / (D, F)                 (ReLU FFN)
 
-Biases follow their kernels' output dims. Why: one matrix-vector product per fused
-group instead of three or two, over rows that are contiguous dot products, is what
-XLA:CPU streams fastest at batch 1 (benchmarks/decode_speed.py), and fewer, larger
-matmuls train faster on CPU too (benchmarks/train_throughput.py). The standard layout
-stays the default: tensor parallelism splits its head and MLP axes, which the packed
-kernels' fused axes do not allow. Decoding packs on load
-(`decoding.cache.prepare_for_decode`); HF and GGUF files are always in the standard
-layout (`as_configured` on import, `unpack_projections` on export). Any leading
-(scanned-layer) axes pass through unchanged.
+Biases follow their kernels' output dims. Why this layout is faster on CPU (fewer,
+larger products over contiguous rows): benchmarks/RESULTS.md. The standard layout stays
+the default: tensor parallelism splits its head and MLP axes, which the packed kernels'
+fused axes do not allow. Decoding packs on load (`decoding.cache.prepare_for_decode`);
+HF and GGUF files are always in the standard layout (unpack before exporting). Any
+leading (scanned-layer) axes pass through unchanged. The layout is not recorded in the
+params: the caller's `Execution` says which one it holds.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from typing import Any
 import flax
 import jax.numpy as jnp
 
-from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.config import FeedForwardType, ModelConfig
 
 # Kernel rank in the standard layout (to find leading layer axes).
 _RANK = {'q_proj': 3, 'k_proj': 3, 'v_proj': 3, 'o_proj': 3, 'w1': 2, 'w2': 2, 'w3': 2,
@@ -141,42 +139,45 @@ def _map_blocks(tree: Any, attention_fn, ffn_fn) -> Any:
     return out
 
 
-def pack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
-    """Converts standard params to the packed layout (a no-op if already packed).
-
-    Args:
-      config: the model config.
-      params: its parameters (boxed or plain; scanned or unrolled layers).
-
-    Returns:
-      (config with packed_projections=True, packed params).
-    """
-    params = flax.core.meta.unbox(params)
-    if config.packed_projections:
-        return config, params
-    return config.replace(packed_projections=True), pack_blocks(params)
+def pack_projections(params) -> dict:
+    """Standard params (boxed or plain; scanned or unrolled layers) in the packed layout."""
+    return pack_blocks(flax.core.meta.unbox(params))
 
 
 def pack_blocks(tree) -> dict:
     """Packs every block ('attention' / 'ffn' subtree) found in `tree`, e.g. one layer's
-    params; `pack_projections` is this over a whole model plus the config change."""
+    params; `pack_projections` is this over a whole model."""
     return _map_blocks(dict(tree), _pack_attention, _pack_ffn)
 
 
-def unpack_projections(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
-    """The inverse of `pack_projections` (a no-op if not packed)."""
-    params = flax.core.meta.unbox(params)
-    if not config.packed_projections:
-        return config, params
-    unpacked = _map_blocks(
-        dict(params), lambda a: _unpack_attention(a, config.num_heads, config.num_kv_heads),
-        _unpack_ffn)
-    return config.replace(packed_projections=False, matvec_row_blocks=(),
-                          matvec_impl='xla'), unpacked
+def unpack_projections(config: ModelConfig, params) -> dict:
+    """The inverse of `pack_projections`: packed params of `config` in the standard layout."""
+    return _map_blocks(
+        dict(flax.core.meta.unbox(params)),
+        lambda a: _unpack_attention(a, config.num_heads, config.num_kv_heads), _unpack_ffn)
 
 
-def as_configured(config: ModelConfig, standard_params) -> dict:
-    """Params built in the standard layout (e.g. by an importer), in `config`'s layout."""
-    if not config.packed_projections:
-        return standard_params
-    return pack_blocks(flax.core.meta.unbox(standard_params))
+def packed_rows(config: ModelConfig) -> dict[str, int]:
+    """Output rows of each packed block kernel of `config` (the names of row blocks)."""
+    d, f = config.embed_dim, config.hidden_dim
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.effective_head_dim
+    ffn = ({'w13': 2 * f, 'w2': d} if config.feed_forward == FeedForwardType.SWIGLU
+           else {'up': f, 'down': d})
+    return {'qkv_proj': qkv, 'o_proj': d, **ffn}
+
+
+def check_row_blocks(config: ModelConfig, row_blocks) -> tuple:
+    """Validates `Execution.row_blocks` against `config`'s packed kernels; returns them.
+
+    Raises:
+      ValueError: naming an unknown projection or one whose rows do not divide.
+    """
+    rows = packed_rows(config)
+    for name, count in row_blocks:
+        if name not in rows:
+            raise ValueError(f'Execution.row_blocks: unknown projection {name!r}; one of '
+                             f'{sorted(rows)}')
+        if rows[name] % count:
+            raise ValueError(f'Execution.row_blocks: {name} has {rows[name]} output rows, not '
+                             f'divisible into {count} blocks')
+    return tuple(row_blocks)

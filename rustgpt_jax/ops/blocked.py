@@ -1,7 +1,7 @@
 """Blocked attention in plain XLA: FlashAttention-2 tiling that skips masked key blocks.
 
 Queries are cut into blocks of `block_q` rows; for each query block an online softmax
-(Dao, "FlashAttention-2", 2023, Alg. 1) runs over the key blocks of `block_kv` keys that
+(Dao, "FlashAttention-2", 2023, Alg. 1) runs over the key blocks of `block_k` keys that
 the mask can leave non-empty, so a sliding window of W keys costs O(N W) rather than
 O(N^2), and no (T, S) logits array is ever materialised. Loop bounds are computed at run
 time from the traced window (`lax.fori_loop` with traced bounds lowers to a while loop),
@@ -27,7 +27,6 @@ while the reference spreads it uniformly over all keys; such rows are never used
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional
 
@@ -36,35 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from rustgpt_jax import masks as masks_lib
-
-# Finite, so max() over a fully masked tile stays finite; masked probabilities are
-# zeroed with `where`, never by exp() underflow, so this value never leaks into sums.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of the blocked loops.
-
-    Attributes:
-      block_q: query rows per block (all G query heads of a KV head are tiled together,
-        so a tile has G * block_q rows).
-      block_kv: keys per block.
-
-    The defaults were tuned for XLA:CPU with benchmarks/attention_scaling.py (N = 8192,
-    8 heads of 64, W = 1024, 2 cores): a query block visits about W + block_q + block_kv
-    keys of a window, so smaller tiles skip more, while per-iteration overhead and
-    small matmuls make 128 x 128 about 1.5x slower than 256 x 256 at full causal;
-    512-wide tiles are ~20% faster at full causal but leave window/causal at ~0.35.
-    """
-    block_q: int = 256
-    block_kv: int = 256
-
-    def __post_init__(self):
-        for name in ('block_q', 'block_kv'):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f'BlockSizes.{name} must be a positive int, got {value!r}')
+from rustgpt_jax.ops.tiling import BlockSizes
 
 
 def _to_blocks(x, block: int, fill):
@@ -93,7 +64,7 @@ def _q_unlayout(x, t: int):
 
 
 def _kv_layout(x, block: int):
-    """(B, S, K, H) -> (nk, B, K, block_kv, H)."""
+    """(B, S, K, H) -> (nk, B, K, block_k, H)."""
     return _to_blocks(x, block, 0).transpose(0, 1, 3, 2, 4)
 
 
@@ -111,15 +82,15 @@ def _kv_range(i, bound, bs: BlockSizes, nk):
     """Key blocks [lo, hi) that query block i can see: key index in (row - W, row]."""
     first = jnp.maximum(i * bs.block_q - bound + 1, 0)
     last = i * bs.block_q + bs.block_q - 1
-    lo = first // bs.block_kv
-    hi = jnp.minimum(last // bs.block_kv + 1, nk)
+    lo = first // bs.block_k
+    hi = jnp.minimum(last // bs.block_k + 1, nk)
     return lo, jnp.where(bound > 0, hi, lo)  # a window of 0 allows nothing
 
 
 def _q_range(c, bound, bs: BlockSizes, nq):
     """Query blocks [lo, hi) that can see key block c: row index in [key, key + W)."""
-    first = c * bs.block_kv
-    last = c * bs.block_kv + bs.block_kv - 1 + bound - 1
+    first = c * bs.block_k
+    last = c * bs.block_k + bs.block_k - 1 + bound - 1
     lo = first // bs.block_q
     hi = jnp.minimum(last // bs.block_q + 1, nq)
     return lo, jnp.where(bound > 0, hi, lo)
@@ -156,11 +127,11 @@ def _forward(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound):
             s = jnp.einsum('bkgqh,bksh->bkgqs', q, kb[j],
                            preferred_element_type=jnp.float32) * scale
             mask = _tile_mask(qp, kpos[j], window, qs, ks)
-            s = jnp.where(mask, s, _MASK_VALUE)
+            s = jnp.where(mask, s, masks_lib.MASK_VALUE)
             m_new = jnp.maximum(m, s.max(-1))
-            # exp(_MASK_VALUE - finite) underflows to exactly 0, so one select suffices;
-            # rows with nothing allowed yet subtract 0 instead of _MASK_VALUE.
-            m_sub = jnp.where(m_new == _MASK_VALUE, 0.0, m_new)
+            # exp(masks_lib.MASK_VALUE - finite) underflows to exactly 0, so one select suffices;
+            # rows with nothing allowed yet subtract 0 instead of masks_lib.MASK_VALUE.
+            m_sub = jnp.where(m_new == masks_lib.MASK_VALUE, 0.0, m_new)
             p = jnp.exp(s - m_sub[..., None])
             alpha = jnp.exp(m - m_new)
             denom = alpha * denom + p.sum(-1)
@@ -168,7 +139,7 @@ def _forward(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound):
                             preferred_element_type=jnp.float32)
             return m_new, denom, alpha[..., None] * acc + pv
 
-        stats = jnp.full(q.shape[:-1], _MASK_VALUE, jnp.float32)
+        stats = jnp.full(q.shape[:-1], masks_lib.MASK_VALUE, jnp.float32)
         init = (stats, jnp.zeros_like(stats), jnp.zeros(q.shape, jnp.float32))
         m, denom, acc = lax.fori_loop(lo, hi, body, init)
         seen = denom > 0
@@ -292,13 +263,13 @@ def blocked_attention(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO
         windows bound the loops by their maximum and mask each row by its own.
       q_segment_ids, kv_segment_ids: optional (B, T) int32 packed-sequence ids.
       scale: logit scale, default 1/sqrt(H).
-      block_sizes: tile sizes, default `BlockSizes()`.
+      block_sizes: tile sizes, default `BlockSizes.for_xla()`.
 
     Returns:
       (B, T, N, H) in q's dtype.
     """
     _check_shapes(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    bs = BlockSizes() if block_sizes is None else block_sizes
+    bs = BlockSizes.for_xla() if block_sizes is None else block_sizes
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     scale = h ** -0.5 if scale is None else float(scale)
@@ -307,19 +278,19 @@ def blocked_attention(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO
         window = jnp.broadcast_to(window, (b,))
     elif window.shape != (b,):
         raise ValueError(f'window must be a scalar or (B,) = ({b},), got {window.shape}')
-    nk = -(-t // bs.block_kv)
+    nk = -(-t // bs.block_k)
     # Clipping keeps the index arithmetic of the bounds far from int32 overflow.
-    bound = jnp.clip(window.max(), 0, nk * bs.block_kv)
+    bound = jnp.clip(window.max(), 0, nk * bs.block_k)
 
     qb = _q_layout(q, kv_heads, bs.block_q)  # (nq, B, K, G, bq, H)
-    kb = _kv_layout(k, bs.block_kv)  # (nk, B, K, bk, H)
-    vb = _kv_layout(v, bs.block_kv)
+    kb = _kv_layout(k, bs.block_k)  # (nk, B, K, bk, H)
+    vb = _kv_layout(v, bs.block_k)
     # Padded rows get position -1: such keys are empty slots, such queries see nothing.
     qpos = _to_blocks(q_positions.astype(jnp.int32), bs.block_q, -1)  # (nq, B, bq)
-    kpos = _to_blocks(kv_positions.astype(jnp.int32), bs.block_kv, -1)  # (nk, B, bk)
+    kpos = _to_blocks(kv_positions.astype(jnp.int32), bs.block_k, -1)  # (nk, B, bk)
     qseg = kseg = None
     if q_segment_ids is not None:
         qseg = _to_blocks(q_segment_ids.astype(jnp.int32), bs.block_q, 0)
-        kseg = _to_blocks(kv_segment_ids.astype(jnp.int32), bs.block_kv, 0)
+        kseg = _to_blocks(kv_segment_ids.astype(jnp.int32), bs.block_k, 0)
     out = _blocked(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound)
     return _q_unlayout(out, t)

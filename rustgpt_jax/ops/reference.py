@@ -9,9 +9,6 @@ import jax.numpy as jnp
 
 from rustgpt_jax import masks as masks_lib
 
-# Finite, so a (never generated) fully masked row gives a uniform row, not NaN.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
 
 def attention_probs(q, k, mask, scale: Optional[float] = None):
     """Float32 attention probabilities with grouped query heads.
@@ -33,7 +30,7 @@ def attention_probs(q, k, mask, scale: Optional[float] = None):
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H)
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k,
                         preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    logits = jnp.where(mask[:, None, None], logits, masks_lib.MASK_VALUE)
     return jax.nn.softmax(logits, axis=-1)
 
 
@@ -57,7 +54,7 @@ def mha_reference(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO_WIN
                   q_segment_ids=None, kv_segment_ids=None, scale=None):
     """Reference attention with the mask built from the shared predicate.
 
-    Args: as `rustgpt_jax.ops.attention.dot_product_attention`.
+    Args: as `rustgpt_jax.runtime.attention.dot_product_attention`.
     """
     mask = masks_lib.make_attention_mask(q_positions, kv_positions, window,
                                          q_segment_ids, kv_segment_ids)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
 
 
 def tree_shardings(boxed_tree, mesh: Mesh, rules) -> object:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from rustgpt_jax.nn import axes
+from rustgpt_jax import axes
 
 DATA = 'data'
 MODEL = 'model'

@@ -24,8 +24,9 @@ from typing import Any, Optional
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.config import IMPLEMENTATION_FIELDS, REMOVED_FIELDS, ModelConfig
 from rustgpt_jax.data import Tokenizer, load_tokenizer
+from rustgpt_jax.nn.packing import unpack_projections
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = 'tokenizer'
@@ -34,10 +35,6 @@ CHECKPOINT_SUBDIR = 'checkpoints'
 # removes a step directory file by file: a kill in between left a step that still listed
 # but had lost its 'meta' item (seen once in tests/test_checkpoint.py's kill test).
 TRASH_SUBDIR = '.deleted'
-# Implementation choices with identical mathematics: a checkpoint may be resumed with
-# another attention kernel, remat policy, matvec row split or matvec kernel. Every other
-# field must match.
-RUNTIME_FIELDS = ('attention_impl', 'remat_policy', 'matvec_row_blocks', 'matvec_impl')
 
 
 class CheckpointError(ValueError):
@@ -58,6 +55,10 @@ def config_to_dict(config: ModelConfig) -> dict:
 
 
 def config_from_dict(values: dict) -> ModelConfig:
+    """The ModelConfig of a checkpoint's JSON, also from before execution choices left it:
+    their fields (`config.REMOVED_FIELDS`) are dropped, and `legacy_packed` tells
+    whether the params were saved in the packed layout."""
+    values = {k: v for k, v in values.items() if k not in REMOVED_FIELDS}
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -66,8 +67,14 @@ def config_from_dict(values: dict) -> ModelConfig:
     return ModelConfig(**values)
 
 
+def legacy_packed(values: dict) -> bool:
+    """Whether a checkpoint's JSON config says its params are in the packed layout
+    (`packed_projections`, a field of ModelConfig before the runtime layer)."""
+    return bool(values.get('packed_projections', False))
+
+
 def config_differences(saved: ModelConfig, current: ModelConfig,
-                       ignore=RUNTIME_FIELDS) -> list[str]:
+                       ignore=IMPLEMENTATION_FIELDS) -> list[str]:
     """'field: checkpoint X, config Y' for every differing field not in `ignore`."""
     a, b = config_to_dict(saved), config_to_dict(current)
     return [f'{k}: checkpoint {a[k]!r}, config {b[k]!r}'
@@ -166,6 +173,11 @@ class Checkpointer:
         """
         meta = self.read_meta(step)
         check_meta(meta, config, tokenizer, f'{self.directory}/{step}')
+        if legacy_packed(meta['model_config']):
+            raise CheckpointError(
+                f'{self.directory}/{step} holds packed params (ModelConfig.packed_projections, '
+                f'removed): training resumes in the standard layout only; '
+                f'load_for_inference reads it')
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target_tree), data=ocp.args.JsonRestore()))
         return restored['state'], restored['data'], meta
@@ -243,4 +255,7 @@ def load_for_inference(directory: str, step: Optional[int] = None, which: str = 
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f'tokenizer has {tokenizer.vocab_size} ids but the model only '
                               f'{config.vocab_size} (ModelConfig.vocab_size)')
-    return config, restored['state']['params'], tokenizer
+    params = restored['state']['params']
+    if legacy_packed(meta['model_config']):
+        params = unpack_projections(config, params)  # saved by an older version, packed
+    return config, params, tokenizer

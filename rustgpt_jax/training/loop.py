@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from rustgpt_jax import data as data_lib
 from rustgpt_jax.sharding.training import ShardingPlan, make_plan
+from rustgpt_jax.summary import architecture_summary
 from rustgpt_jax.training import adaptive_glue, data_setup, optim, steps
 from rustgpt_jax.training import metrics as metrics_lib
 from rustgpt_jax.training.checkpoint import TOKENIZER_DIR, Checkpointer, make_meta
@@ -145,9 +146,9 @@ def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, 
                 if state is None:
                     state = create_train_state(run.model, tx, run.seed, phase.batch_size,
                                                phase.seq_len)
-                    log(metrics_lib.architecture_summary(run.model, count_params(state.params)))
-                    writer.write_text('architecture', metrics_lib.architecture_summary(
-                        run.model, count_params(state.params)))
+                    summary = architecture_summary(run.model)
+                    log(f'{summary}\nparameters built: {count_params(state.params):,}')
+                    writer.write_text('architecture', summary)
                 elif resume_phase != index:
                     # A new phase starts a fresh optimizer (moments and schedule).
                     state = state.replace(tx=tx, opt_state=jax.jit(tx.init)(state.params))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Optional
-
-from rustgpt_jax.config import ModelConfig
 
 
 class MetricsWriter:
@@ -51,26 +48,3 @@ class MetricsWriter:
             self._tb.close()
 
 
-def architecture_summary(config: ModelConfig, num_params: Optional[int] = None) -> str:
-    """`rustgpt_jax.summary.architecture_summary(config)` when present, else a short table."""
-    try:
-        from rustgpt_jax.summary import architecture_summary as full_summary
-    except ImportError:
-        full_summary = None
-    if full_summary is not None:
-        return full_summary(config)
-    window = config.static_window
-    lines = [
-        f'architecture {config.architecture.value}: {config.num_layers} layers, '
-        f'D={config.embed_dim}, F={config.hidden_dim}, heads {config.num_heads} '
-        f'(KV {config.num_kv_heads}), head_dim {config.effective_head_dim}',
-        f'norm {config.norm.value} ({config.norm_placement.value}), ffn '
-        f'{config.feed_forward.value}, positions {config.positions.value}, '
-        f'bias {config.use_bias}, window {window if window else "full causal"} '
-        f'({config.window_strategy.value})',
-        f'vocab {config.vocab_size}, max_seq_len {config.max_seq_len}, dtype {config.dtype} '
-        f'(params {config.param_dtype}), attention {config.attention_impl.value}',
-    ]
-    if num_params is not None:
-        lines.append(f'parameters: {num_params:,}')
-    return '\n'.join(lines)

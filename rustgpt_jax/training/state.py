@@ -12,6 +12,7 @@ from flax import struct
 
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.models import build_model
+from rustgpt_jax.runtime.execution import Execution
 
 # Flax collections that the model may carry besides 'params'. 'adaptive' holds the
 # per-layer window EMA state of the adaptive strategies (SPEC §2) and is checkpointed.
@@ -56,7 +57,8 @@ class TrainState:
                                                      'adaptive', 'rng')})
 
 
-def init_variables(config: ModelConfig, seed: int, batch_size: int, seq_len: int) -> dict:
+def init_variables(config: ModelConfig, seed: int, batch_size: int, seq_len: int,
+                   execution: Execution = Execution()) -> dict:
     """Unboxed model variables for a (batch_size, seq_len) input, initialised under jit.
 
     Args:
@@ -64,8 +66,9 @@ def init_variables(config: ModelConfig, seed: int, batch_size: int, seq_len: int
       seed: parameter-init seed.
       batch_size, seq_len: the training batch shape (collections such as 'adaptive'
         may depend on it).
+      execution: parameter layout and products (`runtime.Execution`).
     """
-    model = build_model(config)
+    model = build_model(config, execution)
     tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
 
     @jax.jit
@@ -77,7 +80,8 @@ def init_variables(config: ModelConfig, seed: int, batch_size: int, seq_len: int
 
 
 def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                       batch_size: int, seq_len: int) -> TrainState:
+                       batch_size: int, seq_len: int,
+                       execution: Execution = Execution()) -> TrainState:
     """A fresh state: params from `seed`, dropout base key from `seed + 1`.
 
     Args:
@@ -85,14 +89,16 @@ def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, se
       tx: the optimizer (`optim.make_optimizer`).
       seed: run seed.
       batch_size, seq_len: the micro-batch shape the model sees.
+      execution: parameter layout and products (`runtime.Execution`); runs and their
+        checkpoints use the default, the standard layout.
     """
-    variables = init_variables(config, seed, batch_size, seq_len)
+    variables = init_variables(config, seed, batch_size, seq_len, execution)
     params = variables['params']
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
         adaptive=variables.get(ADAPTIVE, {}),
         rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)),
-        apply_fn=build_model(config).apply, tx=tx)
+        apply_fn=build_model(config, execution).apply, tx=tx)
 
 
 def count_params(params) -> int:

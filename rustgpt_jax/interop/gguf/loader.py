@@ -20,7 +20,6 @@ from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.interop.gguf import dequant
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
-from rustgpt_jax.nn.packing import as_configured
 
 ARCH = 'llama'
 GGUF_TO_HF = {
@@ -195,8 +194,8 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
 
     Returns:
       (config, params, tokenizer): params is the plain param tree of
-      `rustgpt_jax.nn.Transformer(config)` (scanned layers stacked on L); tokenizer is a
-      GGUFTokenizer, or None when the file has no vocabulary.
+      `arch.transformer.Transformer(config)` in the standard layout (scanned layers
+      stacked on L); tokenizer is a GGUFTokenizer, or None when the file has no vocabulary.
 
     Raises:
       GGUFError (a ValueError): for any malformed, hostile or unsupported file, naming the
@@ -237,7 +236,6 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
         config = config.replace(tie_embeddings=True)
     raw = _tensor_data(path, header)
     params = _build_params(raw, infos, config)
-    params = as_configured(config, params)  # built in the standard layout
     return config, params, tokenizer
 
 

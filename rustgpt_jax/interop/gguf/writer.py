@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import gguf
 import numpy as np
 
 from rustgpt_jax.config import (
@@ -32,6 +33,7 @@ from rustgpt_jax.interop.gguf.tokenizer import (
     UNUSED,
     GGUFTokenizer,
 )
+from rustgpt_jax.interop.hf import params_to_hf
 
 # name -> (GGMLQuantizationType name, LlamaFileType value)
 FILE_TYPES = {'f32': ('F32', 0), 'f16': ('F16', 1), 'bf16': ('BF16', 32), 'q8_0': ('Q8_0', 7),
@@ -182,10 +184,6 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
     Raises:
       ValueError: for a configuration or tokenizer llama.cpp cannot represent.
     """
-    import gguf
-
-    from rustgpt_jax.interop.hf import params_to_hf
-
     check_llama_compatible(config)
     if ftype not in FILE_TYPES:
         raise ValueError(f'save_gguf: ftype {ftype!r} is not one of {sorted(FILE_TYPES)}')

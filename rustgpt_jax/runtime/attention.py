@@ -1,17 +1,58 @@
-"""One entry point for attention; the implementation enum is dispatched here only."""
+"""How attention executes: the one dispatch on `AttentionImpl`.
+
+`attention_kernels(impl)` returns the implementations of one `AttentionImpl` for every
+place attention runs (full sequences, and a decode step over the KV cache); the model's
+layers call what it returns and never branch on the enum themselves.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
+from rustgpt_jax import axes, kernels
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl
-from rustgpt_jax.ops import reference
+from rustgpt_jax.ops import blocked, reference
+from rustgpt_jax.runtime.decode_attention import cached_decode_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKernels:
+    """The implementations of one `AttentionImpl`.
+
+    Attributes:
+      full: `full(q, k, v, *, q_positions, kv_positions, window, q_segment_ids,
+        kv_segment_ids, scale)`, as `dot_product_attention`.
+      step: one decode step over the KV cache. With `step_before_write` it is called as
+        `runtime.decode_attention.cached_decode_attention` (the cache before the new
+        token is written, plus the token; an `execution` keyword), otherwise as `full`
+        on the (B, C, K, H) cache after the write (no segment ids).
+      step_before_write: which of the two the step is.
+      dense_probs: `full` forms the dense probabilities, so statistics such as the
+        attention entropy can be read from them exactly.
+    """
+    full: Callable
+    step: Callable
+    step_before_write: bool
+    dense_probs: bool
+
+
+def attention_kernels(impl: AttentionImpl) -> AttentionKernels:
+    """The implementations of `impl` (the only function that branches on AttentionImpl)."""
+    impl = AttentionImpl(impl)
+    if impl == AttentionImpl.REFERENCE:
+        return AttentionKernels(reference.mha_reference, cached_decode_attention, True, True)
+    if impl == AttentionImpl.BLOCKED:
+        return AttentionKernels(blocked.blocked_attention, cached_decode_attention, True, False)
+    if impl == AttentionImpl.PALLAS:
+        return AttentionKernels(_pallas_full, kernels.flash_decode, False, False)
+    raise ValueError(f'unknown attention implementation {impl!r}')  # pragma: no cover
 
 
 def dot_product_attention(q, k, v, *, q_positions, kv_positions,
@@ -24,7 +65,7 @@ def dot_product_attention(q, k, v, *, q_positions, kv_positions,
     The mask is `masks.allowed(q_pos, k_pos, window, q_seg, k_seg)`. The blocked and
     Pallas paths also assume the self-attention layout (key index j > query index i is
     never allowed, nor i - j >= window), which holds for training batches, packed
-    sequences and left padding; decoding against a cache uses the reference path.
+    sequences and left padding; decoding against a cache uses `AttentionKernels.step`.
 
     Args:
       q: (B, T, N, H) queries.
@@ -39,20 +80,16 @@ def dot_product_attention(q, k, v, *, q_positions, kv_positions,
     Returns:
       (B, T, N, H) in q's dtype.
     """
-    impl = AttentionImpl(impl)
-    if impl == AttentionImpl.REFERENCE:
-        fn = reference.mha_reference
-    elif impl == AttentionImpl.BLOCKED:
-        from rustgpt_jax.ops import blocked
-        fn = blocked.blocked_attention
-    elif impl == AttentionImpl.PALLAS:
-        from rustgpt_jax import kernels  # lazy: Pallas import is heavy
-        fn = _per_shard(kernels.flash_attention, window, q_segment_ids is not None)
-    else:  # pragma: no cover - the enum is exhaustive
-        raise ValueError(f'unknown attention implementation {impl!r}')
-    return fn(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-              window=window, q_segment_ids=q_segment_ids,
-              kv_segment_ids=kv_segment_ids, scale=scale)
+    return attention_kernels(impl).full(
+        q, k, v, q_positions=q_positions, kv_positions=kv_positions, window=window,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+
+
+def _pallas_full(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO_WINDOW,
+                 q_segment_ids=None, kv_segment_ids=None, scale=None):
+    fn = _per_shard(kernels.flash_attention, window, q_segment_ids is not None)
+    return fn(q, k, v, q_positions=q_positions, kv_positions=kv_positions, window=window,
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
 
 
 def _per_shard(kernel, window, has_segments: bool):
@@ -67,7 +104,6 @@ def _per_shard(kernel, window, has_segments: bool):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel
-    from rustgpt_jax.nn import axes  # lazy: rustgpt_jax.nn imports this module
     q_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))
     kv_spec = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
     if q_spec is None or all(a is None for a in tuple(q_spec) + tuple(kv_spec)):

@@ -1,4 +1,4 @@
-"""The CPU matrix-vector kernel (kernels.cpu_gemv), against float64 numpy."""
+"""The CPU matrix-vector kernel (native.cpu_gemv), against float64 numpy."""
 
 import os
 import re
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rustgpt_jax.kernels import cpu_gemv
+from rustgpt_jax.native import cpu_gemv
 
 
 def _require_kernel():
@@ -181,7 +181,7 @@ def test_build_errors_name_the_compiler_problem(tmp_path, monkeypatch):
 def test_concurrent_builds_produce_one_library(tmp_path):
     if shutil.which('g++') is None and shutil.which('c++') is None:
         pytest.skip('no C++ compiler')
-    script = ('import sys; from rustgpt_jax.kernels import cpu_gemv; '
+    script = ('import sys; from rustgpt_jax.native import cpu_gemv; '
               'print(cpu_gemv.build(sys.argv[1]))')
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     procs = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path)], env=env,

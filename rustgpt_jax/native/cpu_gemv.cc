@@ -147,28 +147,24 @@ class SpinPool {
   std::condition_variable wake_cv_;
 };
 
-int64_t EnvInt(const char* name, int64_t fallback) {
-  const char* value = std::getenv(name);
-  return value ? std::atoll(value) : fallback;
-}
-
-SpinPool& Pool() {
-  // Per process: a forked child has none of its parent's workers, so it starts its own
-  // pool rather than wait forever on threads that do not exist. Old pools are leaked
-  // on purpose (their workers may be parked on them).
+SpinPool& Pool(int64_t threads, int64_t spin_us) {
+  // One pool per (process, settings): a forked child has none of its parent's workers,
+  // so it starts its own pool rather than wait forever on threads that do not exist, and
+  // new settings (`runtime.Execution.gemv_threads / gemv_spin_us`) start a new pool. Old
+  // pools are leaked on purpose (their workers may be parked on them).
   static std::mutex mu;
   static SpinPool* pool = nullptr;
   static pid_t owner = 0;
+  static int64_t pool_threads = 0, pool_spin_us = 0;
+  threads = threads < 1 ? 1 : threads;
+  spin_us = spin_us < 0 ? 0 : spin_us;
   std::lock_guard<std::mutex> lock(mu);
-  if (pool == nullptr || owner != getpid()) {
-    cpu_set_t allowed;  // the CPUs this process may run on (taskset, cgroups)
-    const int64_t cpus = sched_getaffinity(0, sizeof(allowed), &allowed) == 0
-                             ? CPU_COUNT(&allowed)
-                             : static_cast<int64_t>(std::thread::hardware_concurrency());
-    int64_t threads = EnvInt("RGJ_GEMV_THREADS", cpus < 8 ? cpus : 8);
-    threads = threads < 1 ? 1 : threads;
-    pool = new SpinPool(static_cast<int>(threads), EnvInt("RGJ_GEMV_SPIN_US", 1000));
+  if (pool == nullptr || owner != getpid() || pool_threads != threads ||
+      pool_spin_us != spin_us) {
+    pool = new SpinPool(static_cast<int>(threads), spin_us);
     owner = getpid();
+    pool_threads = threads;
+    pool_spin_us = spin_us;
   }
   return *pool;
 }
@@ -328,7 +324,7 @@ void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb
 // y (P, B, out) = x (P, B, in) . W[p] for P independent matrices W (P, out, in)
 // (`input_major` false) or (P, in, out) (true); P is 1 when the operands are 2-D.
 ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                ffi::ResultBuffer<ffi::F32> y) {
+                ffi::ResultBuffer<ffi::F32> y, int64_t threads, int64_t spin_us) {
   const auto wd = w.dimensions();
   const auto xd = x.dimensions();
   const size_t rank = wd.size();
@@ -344,7 +340,7 @@ ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  SpinPool& pool = Pool();
+  SpinPool& pool = Pool(threads, spin_us);
   // About 32 chunks per product: at least 32 rows (whole four-row groups), or 256
   // columns (whole 16-lane vectors); whole matrices when there are several.
   const int64_t unit = input_major ? 16 : 4, least = input_major ? 256 : 32;
@@ -364,13 +360,15 @@ ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
 }
 
 ffi::Error GemvOutputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  return Gemv(false, x, w, y);
+                           ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                           int64_t spin_us) {
+  return Gemv(false, x, w, y, threads, spin_us);
 }
 
 ffi::Error GemvInputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                          ffi::ResultBuffer<ffi::F32> y) {
-  return Gemv(true, x, w, y);
+                          ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                          int64_t spin_us) {
+  return Gemv(true, x, w, y, threads, spin_us);
 }
 
 }  // namespace
@@ -379,10 +377,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemv, GemvOutputMajor,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("spin_us"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemvInputMajor, GemvInputMajor,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("spin_us"));

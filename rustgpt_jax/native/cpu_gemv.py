@@ -1,23 +1,23 @@
 """A CPU matrix-vector kernel for decode steps: an XLA FFI custom call (cpu_gemv.cc).
 
-`ModelConfig.matvec_impl = 'cpu_gemv'` routes the products of decode steps (at most
+`runtime.Execution(matvec='cpu_gemv')` routes the products of decode steps (at most
 `MAX_ROWS` input rows, float32) through it: the packed (output-major) projections, the
 output head (input-major (D, V), or a tied (V, D) table) and the two dots over the KV
-cache (one matrix per KV head). XLA:CPU's own product hands each GEMV to its thread pool
-and resumes the step as a new pool task; on a small VM the idle vCPU has halted by then,
-and the wake-ups cost ~1.5 ms of a ~19 ms token on the 134M benchmark model
-(benchmarks/RESULTS.md). The kernel cuts the output into chunks that the calling thread
-and workers take from a shared ticket; the workers spin (yielding) for `RGJ_GEMV_SPIN_US`
-microseconds (default 1000) between calls before they sleep.
+cache (one matrix per KV head). Why a kernel of our own: benchmarks/RESULTS.md, "The CPU
+matrix-vector kernel". The kernel cuts the output into chunks that the calling thread
+and `threads - 1` workers take from a shared ticket; the workers spin (yielding) for
+`spin_us` microseconds between calls before they sleep.
 
 The shared library is compiled from the shipped source on first use (g++ or `$CXX`,
-about 2 s) into `$RGJ_CACHE_DIR` (default `~/.cache/rustgpt_jax`), keyed by a hash of the
-source, the flags, the compiler and jax's version. Where it cannot be built or run (not
-Linux x86-64, no AVX-512F, no compiler, a failed build) `available()` is False,
-`unavailable_reason()` says why, and every layer falls back to XLA's dot (one warning).
+about 2 s) into the kernel cache directory, keyed by a hash of the source, the flags,
+the compiler and jax's version. Where it cannot be built or run (not Linux x86-64, no
+AVX-512F, no compiler, a failed build) `available()` is False, `unavailable_reason()`
+says why, and `runtime.products` falls back to XLA's dot (one warning).
 
-Environment: `RGJ_GEMV_THREADS` (threads per product, default min(allowed CPUs, 8); it
-and the spin are read once per process), `RGJ_GEMV_SPIN_US`, `RGJ_CACHE_DIR`, `CXX`.
+Settings (README, "Settings"): threads, spin and cache directory are explicit arguments
+(fields of `runtime.Execution`); where one is None, the environment variable
+`RGJ_GEMV_THREADS`, `RGJ_GEMV_SPIN_US` or `RGJ_CACHE_DIR` overrides the default
+(min(allowed CPUs, 8) threads, 1000 us, ~/.cache/rustgpt_jax).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 8  # rows of x the kernel takes (decode steps up to batch 8)
 TARGET = 'rgj_gemv'  # W output-major (out, in)
@@ -45,13 +46,46 @@ TARGET_INPUT_MAJOR = 'rgj_gemv_input_major'  # W input-major (in, out)
 SOURCE = Path(__file__).with_name('cpu_gemv.cc')
 FLAGS = ('-O3', '-mavx512f', '-mfma', '-std=c++17', '-shared', '-fPIC')
 
+ENV_THREADS = 'RGJ_GEMV_THREADS'
+ENV_SPIN_US = 'RGJ_GEMV_SPIN_US'
+ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
+DEFAULT_SPIN_US = 1000
+MAX_DEFAULT_THREADS = 8
+
 _lock = threading.Lock()
 _state: dict = {}  # 'ok': bool, 'reason': str
 
 
-def cache_dir() -> Path:
-    """Where built libraries are kept: `$RGJ_CACHE_DIR` or ~/.cache/rustgpt_jax."""
-    root = os.environ.get('RGJ_CACHE_DIR')
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name, '')
+    if value == '':
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f'${name} must be an integer, got {value!r}') from None
+
+
+def threads_setting(threads: Optional[int] = None) -> int:
+    """Threads per product: `threads`, else $RGJ_GEMV_THREADS, else min(allowed CPUs, 8)."""
+    if threads is None:
+        threads = _env_int(ENV_THREADS)
+    if threads is None:
+        threads = min(len(os.sched_getaffinity(0)), MAX_DEFAULT_THREADS)
+    return max(1, int(threads))
+
+
+def spin_setting(spin_us: Optional[int] = None) -> int:
+    """Worker spin between products: `spin_us`, else $RGJ_GEMV_SPIN_US, else 1000 us."""
+    if spin_us is None:
+        spin_us = _env_int(ENV_SPIN_US)
+    return DEFAULT_SPIN_US if spin_us is None else max(0, int(spin_us))
+
+
+def cache_dir(directory: Optional[str] = None) -> Path:
+    """Where built libraries are kept: `directory`, else $RGJ_CACHE_DIR, else
+    ~/.cache/rustgpt_jax."""
+    root = directory or os.environ.get(ENV_CACHE_DIR)
     if root:
         return Path(root)
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
@@ -107,24 +141,25 @@ def build(directory: Optional[Path] = None) -> Path:
     return library
 
 
-def _load() -> None:
+def _load(directory: Optional[str]) -> None:
     if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
         raise RuntimeError(f'needs Linux on x86-64, not {platform.system()} '
                            f'{platform.machine()}')
     if not _cpu_has_avx512f():
         raise RuntimeError('this CPU has no AVX-512F')
-    library = ctypes.cdll.LoadLibrary(str(build()))
+    library = ctypes.cdll.LoadLibrary(str(build(cache_dir(directory))))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RgjGemv), platform='cpu')
     jax.ffi.register_ffi_target(TARGET_INPUT_MAJOR, jax.ffi.pycapsule(library.RgjGemvInputMajor),
                                 platform='cpu')
 
 
-def available() -> bool:
-    """True when the kernel is built, loaded and registered (built on first call)."""
+def available(directory: Optional[str] = None) -> bool:
+    """True when the kernel is built, loaded and registered (built on first call, into
+    `cache_dir(directory)`; later calls return the first answer)."""
     with _lock:
         if 'ok' not in _state:
             try:
-                _load()
+                _load(directory)
                 _state['ok'], _state['reason'] = True, ''
             except (RuntimeError, OSError) as error:
                 _state['ok'], _state['reason'] = False, str(error)
@@ -141,13 +176,14 @@ def _out_dim(w, input_major: bool) -> int:
     return w.shape[-1] if input_major else w.shape[-2]
 
 
-def _ffi_gemv(x, w, input_major):
+def _ffi_gemv(x, w, input_major, threads, spin_us):
     lead = w.shape[:-2]
     p = math.prod(lead)
     y = jax.ffi.ffi_call(
         TARGET_INPUT_MAJOR if input_major else TARGET,
         jax.ShapeDtypeStruct((p, x.shape[-2], _out_dim(w, input_major)), x.dtype),
-        vmap_method='sequential')(x.reshape((p,) + x.shape[-2:]), w.reshape((p,) + w.shape[-2:]))
+        vmap_method='sequential')(x.reshape((p,) + x.shape[-2:]), w.reshape((p,) + w.shape[-2:]),
+                                  threads=np.int64(threads), spin_us=np.int64(spin_us))
     return y.reshape(x.shape[:-1] + (_out_dim(w, input_major),))
 
 
@@ -155,8 +191,9 @@ def _xla_gemv(x, w, input_major):
     return jnp.einsum('...bi,...io->...bo' if input_major else '...bi,...oi->...bo', x, w)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def gemv(x, w, input_major: bool = False):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def gemv(x, w, input_major: bool = False, threads: Optional[int] = None,
+         spin_us: Optional[int] = None):
     """y = x . W on CPU through the kernel, XLA's dot on other platforms.
 
     Args:
@@ -165,6 +202,7 @@ def gemv(x, w, input_major: bool = False):
         `input_major`, (*batch, in, out) (e.g. the output head's (D, V) table, or a
         cache's (C, H) values); `batch` dims (e.g. KV heads) are independent products.
       input_major: which layout `w` has.
+      threads, spin_us: the kernel's settings (`threads_setting`, `spin_setting`).
 
     Returns:
       (*batch, rows, out) float32. Differentiable (tangents go through XLA's dots).
@@ -181,33 +219,21 @@ def gemv(x, w, input_major: bool = False):
     if not available():
         raise RuntimeError(f'the cpu_gemv kernel is unavailable: {unavailable_reason()}')
     return jax.lax.platform_dependent(
-        x, w, cpu=functools.partial(_ffi_gemv, input_major=input_major),
+        x, w, cpu=functools.partial(_ffi_gemv, input_major=input_major,
+                                    threads=threads_setting(threads),
+                                    spin_us=spin_setting(spin_us)),
         default=functools.partial(_xla_gemv, input_major=input_major))
 
 
 @gemv.defjvp
-def _gemv_jvp(input_major, primals, tangents):
+def _gemv_jvp(input_major, threads, spin_us, primals, tangents):
     (x, w), (dx, dw) = primals, tangents
-    return (gemv(x, w, input_major),
+    return (gemv(x, w, input_major, threads, spin_us),
             _xla_gemv(dx, w, input_major) + _xla_gemv(x, dw, input_major))
-
-
-def applies(matvec_impl: str, rows: int, *arrays) -> bool:
-    """Whether a layer configured with `matvec_impl` computes its product of `rows` input
-    rows over `arrays` (input, weight) with `gemv`: 'cpu_gemv', 1 to MAX_ROWS rows,
-    float32 arrays (others keep XLA's dot), and the kernel available (else a warning)."""
-    if matvec_impl != 'cpu_gemv' or not 1 <= rows <= MAX_ROWS:
-        return False
-    if any(a.dtype != jnp.float32 for a in arrays):
-        return False
-    if not available():
-        warn_unavailable_once()
-        return False
-    return True
 
 
 @functools.cache
 def warn_unavailable_once() -> None:
     """Warns (once per process) that products configured for cpu_gemv use XLA's dot."""
-    warnings.warn(f"ModelConfig.matvec_impl='cpu_gemv' falls back to XLA's dot: "
+    warnings.warn(f"Execution.matvec='cpu_gemv' falls back to XLA's dot: "
                   f'{unavailable_reason()}', RuntimeWarning, stacklevel=3)

@@ -43,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from rustgpt_jax.config import ModelConfig
-from rustgpt_jax.decoding import generate, prepare_for_decode, unstack_layers
+from rustgpt_jax.decoding import DecodeModel, generate, prepare_for_decode, unstack_layers
 from rustgpt_jax.decoding.cache import _cache_shapes
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.hf import config_from_hf, hf_config_from, params_from_hf
 from rustgpt_jax.models import build_model
 from rustgpt_jax.native import cpu_gemv
+from rustgpt_jax.runtime import Execution
 
 # CPU idle settings (--wakeup): context managers; one that yields False was not applied.
 SETTINGS = {'default': lambda: contextlib.nullcontext(True),
@@ -114,8 +115,9 @@ def time_batch(hf_model, variants, prompts, args, bound, wakeup):
     hf_total, hf_first, hf_tokens = hf_seconds(hf_model, prompts, args.new_tokens,
                                                args.repeats)
     timed = {'hf torch': (hf_total, hf_first, hf_tokens)}
-    for name, (cfg, p) in variants.items():
-        timed[name] = jax_seconds(build_model(cfg), p, prompts, args.new_tokens, args.repeats)
+    for name, form in variants.items():
+        timed[name] = jax_seconds(form.model, form.params, prompts, args.new_tokens,
+                                  args.repeats)
     hf_decode = (args.new_tokens - 1) * batch / (hf_total - hf_first)
     rows = []
     for name, (total, first, tokens) in timed.items():
@@ -160,15 +162,15 @@ def main():
     # rows' drops the row blocks too; 'jax unrolled' keeps the training layout of the
     # projections (nn.packing).
     packed = prepare_for_decode(config, params)
-    print(f'jax packed: matvec_impl={packed[0].matvec_impl.value!r}'
+    print(f'jax packed: matvec={packed.execution.matvec.value!r}'
           + ('' if cpu_gemv.available() else f' ({cpu_gemv.unavailable_reason()})'))
     variants = {'jax packed': packed,
-                'jax xla dot': prepare_for_decode(config, params, matvec_impl='xla'),
+                'jax xla dot': prepare_for_decode(config, params, matvec='xla'),
                 'jax whole rows': prepare_for_decode(config, params, row_blocks=(),
-                                                     matvec_impl='xla'),
-                'jax unrolled': unstack_layers(config, params)}
+                                                     matvec='xla'),
+                'jax unrolled': DecodeModel(*unstack_layers(config, params), Execution())}
     if args.scanned:  # the nn.scan layer stack, for comparison (one more compile)
-        variants['jax scanned'] = (config, params)
+        variants['jax scanned'] = DecodeModel(config, params, Execution())
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     weight_bytes = (n_params - config.vocab_size * config.embed_dim) * 4

@@ -74,7 +74,6 @@ def ours(path: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from rustgpt_jax.arch.transformer import Transformer
     from rustgpt_jax.decoding import prepare_for_decode
     from rustgpt_jax.interop.gguf import load_gguf
 
@@ -83,10 +82,10 @@ def ours(path: str, steps: int) -> dict:
     # The decode form `rustgpt-generate --gguf` uses (decoding.prepare_for_decode):
     # unrolled layers (the scanned stack slices every layer's weights out of the stacked
     # arrays per token) and packed projections (nn.packing).
-    config, params = prepare_for_decode(config, params)
-    params = jax.block_until_ready(jax.device_put(params))  # usable device arrays
+    decode_form = prepare_for_decode(config, params)
+    params = jax.block_until_ready(jax.device_put(decode_form.params))  # usable device arrays
     load_s = time.perf_counter() - t
-    model = Transformer(config)
+    model = decode_form.model
     one = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, decode=True))['cache']
     cache = jax.tree_util.tree_map_with_path(

@@ -4,7 +4,7 @@ Batch-1 decoding is a chain of (1, in) x (out, in)^T products that stream the we
 once. This times such chains for the block kernels of the decode_speed.py model (and a
 few other shapes) two ways in one run: as one dot over the whole (out, in) matrix (the
 reference), and as one batched dot over S blocks of out / S rows (the free reshape
-`ModelConfig.matvec_row_blocks` uses). Each chain holds enough distinct matrices
+`runtime.Execution.row_blocks` uses). Each chain holds enough distinct matrices
 (~--megabytes in total) that the weights come from memory, as in decoding, not from
 cache.
 

@@ -71,6 +71,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rustgpt_jax.config import ModelConfig  # noqa: E402
+from rustgpt_jax.runtime import Execution  # noqa: E402
 from rustgpt_jax.training import optim, steps  # noqa: E402
 from rustgpt_jax.training import state as state_lib  # noqa: E402
 
@@ -90,8 +91,7 @@ def jax_config(c: dict, variant: str) -> ModelConfig:
         num_layers=c['num_layers'], num_heads=c['num_heads'], num_kv_heads=c['num_kv_heads'],
         max_seq_len=c['seq_len'], norm='rms_norm', feed_forward='swiglu', positions='rope',
         use_bias=False, norm_placement='pre', window_size=None,
-        scan_layers=not tuned, attention_impl='blocked' if tuned else 'reference',
-        packed_projections=variant == 'packed')
+        scan_layers=not tuned, attention_impl='blocked' if tuned else 'reference')
 
 
 def batches(c: dict, n: int, seed: int = 0):
@@ -113,8 +113,9 @@ class JaxSide:
         ocfg = optim.OptimizerConfig(learning_rate=LR, warmup_steps=0, decay_steps=10**6,
                                      final_lr_fraction=1.0, b1=BETAS[0], b2=BETAS[1],
                                      eps=EPS, weight_decay=WD, grad_clip_norm=CLIP)
-        self.state = state_lib.create_train_state(cfg, optim.make_optimizer(ocfg), 0,
-                                                  c['batch'], c['seq_len'])
+        self.state = state_lib.create_train_state(
+            cfg, optim.make_optimizer(ocfg), 0, c['batch'], c['seq_len'],
+            Execution(packed=variant == 'packed'))
         self.step_fn = steps.make_train_step(cfg)
         self.data = [jax.device_put(b) for b in batches(c, 2)]
         self.params = state_lib.count_params(self.state.params)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from rustgpt_jax.data import CharTokenizer
+from rustgpt_jax.nn.packing import pack_projections
 from rustgpt_jax.training import (
     Checkpointer,
     CheckpointError,
@@ -96,6 +97,26 @@ def test_keeps_last_n_and_best(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
 
 
+def test_checkpoints_written_before_the_runtime_layer_still_load(tmp_path):
+    """Earlier versions stored packed_projections / matvec_* in the model config and, with
+    packed_projections=True, packed params. Such a checkpoint loads for inference (params
+    unpacked to the standard layout) and refuses only to resume training, saying why."""
+    model, state, tok = _state_and_tokenizer()
+    legacy_meta = make_meta(model, tok)
+    legacy_meta['model_config'].update(packed_projections=True, matvec_impl='cpu_gemv',
+                                       matvec_row_blocks=[['w2', 2]])
+    packed_state = state.replace(params=pack_projections(state.params))
+    ckpt = Checkpointer(str(tmp_path / 'ck'))
+    ckpt.save_tokenizer(tok)
+    ckpt.save(1, packed_state.checkpoint_tree(), {}, legacy_meta, val_loss=1.0)
+    with pytest.raises(CheckpointError, match='packed params .*load_for_inference'):
+        ckpt.restore(1, packed_state.checkpoint_tree(), model, tok)
+    ckpt.close()
+    config, params, _ = load_for_inference(str(tmp_path / 'ck'))
+    assert config == model
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+
+
 def test_dropped_steps_leave_through_a_rename(tmp_path):
     """Steps the keep policy drops are renamed into TRASH_SUBDIR (one atomic step) and
     then removed; what a killed run left there is removed on open and never lists."""
@@ -122,6 +143,7 @@ import sys
 from rustgpt_jax.training import Checkpointer, OptimizerConfig, create_train_state, make_optimizer
 from rustgpt_jax.training.checkpoint import make_meta
 from rustgpt_jax.data import CharTokenizer
+from rustgpt_jax.nn.packing import pack_projections
 from tests.test_training_helpers import tiny_model
 model = tiny_model()
 tx = make_optimizer(OptimizerConfig(learning_rate=1e-3, warmup_steps=1, decay_steps=10))

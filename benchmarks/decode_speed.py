@@ -40,6 +40,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import machine  # benchmarks/machine.py
 import numpy as np
 
 from rustgpt_jax.config import ModelConfig
@@ -176,8 +177,11 @@ def main():
     weight_bytes = (n_params - config.vocab_size * config.embed_dim) * 4
     bandwidth = copy_bandwidth()
     bound = bandwidth / weight_bytes  # batch-1 tokens/s if only weight reads cost time
-    results = dict(devices=str(jax.devices()), params=n_params, weight_bytes=weight_bytes,
-                   copy_bandwidth_gbs=bandwidth / 1e9, bound_tokens_s=bound, rows=[])
+    info = machine.describe()
+    print(machine.banner(info))
+    results = dict(machine=info, devices=str(jax.devices()), params=n_params,
+                   weight_bytes=weight_bytes, copy_bandwidth_gbs=bandwidth / 1e9,
+                   bound_tokens_s=bound, rows=[])
 
     print(f'{n_params / 1e6:.1f}M params, {weight_bytes / 1e9:.3f} GB weights read per token, '
           f'copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound:.1f} tokens/s (batch 1)')

@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 
+import machine  # benchmarks/machine.py
 import numpy as np
 
 
@@ -176,7 +177,9 @@ def run(args):
               f'{lc["tokens_per_s"]:11.1f} '
               f'{r["ours"]["tokens_per_s"] / lc["tokens_per_s"]:10.2f} '
               f'{r["bound_tokens_per_s"]:8.1f}')
-    print(json.dumps({'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
+    info = machine.describe()
+    print(machine.banner(info))
+    print(json.dumps({'machine': info, 'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
                       'small': args.small, 'wakeup': wakeup, 'rows': rows}))
 
 

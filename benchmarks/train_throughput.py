@@ -68,6 +68,7 @@ os.environ.setdefault('XLA_FLAGS', f'--xla_cpu_multi_thread_eigen=true '
                       f'intra_op_parallelism_threads={ARGS.threads}')
 
 import jax  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py)
 import numpy as np  # noqa: E402
 
 from rustgpt_jax.config import ModelConfig  # noqa: E402
@@ -193,6 +194,8 @@ def measure(name: str, args) -> list[dict]:
 
 
 def main(args) -> None:
+    info = machine.describe()
+    print(machine.banner(info))
     rows = []
     for name in args.configs:
         rows.extend(measure(name, args))
@@ -202,7 +205,7 @@ def main(args) -> None:
         print(f"{r['config']:<7}{r['impl']:<12}{r['params']:>11,}{r['batch']:>9}"
               f"{r['tokens_per_s']:>11,.0f}{r['median_tokens_per_s']:>9,.0f}"
               f"{r['step_ms']:>10.1f}{r['vs_torch']:>10.2f}")
-    doc = {'benchmark': 'train_throughput', 'threads': args.threads,
+    doc = {'benchmark': 'train_throughput', 'machine': info, 'threads': args.threads,
            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'jax': jax.__version__,
            'steps_per_round': args.steps, 'rounds': args.rounds, 'results': rows}
     print(json.dumps(doc))

@@ -123,6 +123,19 @@ def test_scored_targets_are_exactly_each_response_and_eos():
     assert found[0] == pairs[0].response + '<eos>'
 
 
+def test_packed_validation_subset_is_spread_and_whole_is_everything():
+    tok, pairs, encoded = _chat_examples(40)
+    full = PackedValidationBatches(encoded, batch_size=1, seq_len=64, pad_id=tok.pad_id)
+    every = [b['tokens'].tolist() for b in full]
+    sub = PackedValidationBatches(encoded, batch_size=1, seq_len=64, num_batches=3,
+                                  pad_id=tok.pad_id)
+    assert len(every) == sub.total_batches > 3
+    n = len(every)
+    expected = [every[0], every[round((n - 1) / 2)], every[n - 1]]  # first, middle, last
+    assert [b['tokens'].tolist() for b in sub] == expected
+    assert [b['tokens'].tolist() for b in sub.whole()] == every
+
+
 def _segments(batch):
     """Rebuilds each packed example's ids: its inputs plus its last target."""
     out = []

@@ -116,3 +116,17 @@ def test_validation_batches_literal_and_cover_every_prediction():
     np.testing.assert_array_equal(scored, tokens[1:])  # each prediction once, in order
     _assert_same(batches, list(val))  # fixed order on every pass
     assert len(LMValidationBatches(tokens, 2, 5, num_batches=1)) == 1
+
+
+def test_validation_subset_spreads_over_the_split_and_whole_covers_it():
+    tokens = np.arange(1000, 1201)  # 200 predictions -> 40 rows of 5 -> 20 batches of 2
+    val = LMValidationBatches(tokens, batch_size=2, seq_len=5, num_batches=4)
+    assert val.total_batches == 20 and len(val) == 4
+    first_inputs = [int(b['tokens'][0, 0]) for b in val]
+    # Batches 0, 6, 13, 19 of 20 (rows of 5 tokens, 2 rows each): start, ..., end.
+    assert first_inputs == [1000, 1060, 1130, 1190]
+    assert [int(b['tokens'][0, 0]) for b in val] == first_inputs  # deterministic
+    whole = val.whole()
+    assert len(whole) == 20
+    scored = np.concatenate([b['targets'][b['loss_mask'] > 0] for b in whole])
+    np.testing.assert_array_equal(scored, tokens[1:])

@@ -121,6 +121,17 @@ def test_run_two_phases_writes_checkpoints_metrics_and_inference_bundle(tmp_path
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(result.state.params))
 
 
+def test_final_evaluation_covers_the_whole_validation_split(tmp_path):
+    from rustgpt_jax.training import data_setup
+    run = tiny_run(tmp_path, write_corpus(tmp_path), steps=4)  # eval_batches=2 per eval
+    result = train(run, log=lambda s: None)
+    phase_data = data_setup.build_phase_data(run.phases[0], run.data, result.tokenizer, run.seed)
+    split = phase_data.validation
+    assert split.total_batches > len(split) == 2  # periodic evaluations use a sample
+    # The last evaluation scored every prediction of the held-out tokens once.
+    assert result.validation['tokens'] == len(split.tokens) - 1
+
+
 def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
     run = tiny_run(tmp_path, write_corpus(tmp_path), steps=6, checkpoint_every=1, log_every=1)
     # An absurd learning rate (no clipping) overflows the parameters after one update.

@@ -25,7 +25,13 @@ import numpy as np
 
 from rustgpt_jax.data.errors import DataError
 from rustgpt_jax.data.instructions import EncodedExample
-from rustgpt_jax.data.pipeline import ResumableIterator, check_positive, empty_batch, epoch_rng
+from rustgpt_jax.data.pipeline import (
+    ResumableIterator,
+    check_positive,
+    empty_batch,
+    epoch_rng,
+    evenly_spaced,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +173,8 @@ class PackedValidationBatches:
     Args:
       examples: encoded examples.
       batch_size, seq_len: B and T.
-      num_batches: use only the first this many batches (None = all).
+      num_batches: use this many batches, evenly spaced over the split (None = all);
+        `whole()` gives every batch.
       pad_id: id written in padding slots.
     """
 
@@ -177,16 +184,23 @@ class PackedValidationBatches:
         if num_batches is not None:
             check_positive(num_batches=num_batches)
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
+        self.source = examples
         self.examples, self.stats = prepare_examples(examples, seq_len)
         self.rows = first_fit([len(ex) - 1 for ex in self.examples], seq_len)
-        total = math.ceil(len(self.rows) / batch_size)
-        self.num_batches = total if num_batches is None else min(total, num_batches)
+        self.total_batches = math.ceil(len(self.rows) / batch_size)
+        self.indices = evenly_spaced(self.total_batches, num_batches)
+        self.num_batches = len(self.indices)
+
+    def whole(self) -> 'PackedValidationBatches':
+        """The same split, every batch (a final evaluation)."""
+        return PackedValidationBatches(self.source, self.batch_size, self.seq_len, None,
+                                       self.pad_id)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
         b = self.batch_size
-        for i in range(self.num_batches):
+        for i in self.indices:
             yield build_packed_batch(self.rows[i * b:(i + 1) * b], self.examples, b,
                                      self.seq_len, self.pad_id)

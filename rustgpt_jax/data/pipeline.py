@@ -189,17 +189,29 @@ class LMBatchIterator(ResumableIterator):
         }
 
 
+def evenly_spaced(total: int, count: Optional[int]) -> list[int]:
+    """`count` indices spread evenly over range(total), first and last included (all of
+    them when count is None or >= total). Deterministic."""
+    if count is None or count >= total:
+        return list(range(total))
+    if count == 1:
+        return [0]
+    return [round(i * (total - 1) / (count - 1)) for i in range(count)]
+
+
 class LMValidationBatches:
     """Fixed-order batches that score every next-token prediction of `tokens` once.
 
     Row r holds inputs `tokens[rT : rT + T]` and targets shifted by one; the last row may
     be shorter (the rest is padding) and the last batch is filled with padding rows,
     so shapes never change. Iterate it as often as needed; the order never changes.
+    With `num_batches`, the batches used are spread evenly over the whole split (a
+    prefix would score only the start of the text); `whole()` gives every batch.
 
     Args:
       tokens: (N,) integer ids, N >= 2.
       batch_size, seq_len: B and T.
-      num_batches: use only the first this many batches (None = all).
+      num_batches: use this many batches, evenly spaced over the split (None = all).
       pad_id: the id written in padding slots (masked out anyway).
     """
 
@@ -213,8 +225,13 @@ class LMValidationBatches:
             raise DataError(f'validation needs at least 2 tokens, got {len(self.tokens)}')
         self.batch_size, self.seq_len, self.pad_id = batch_size, seq_len, pad_id
         num_rows = math.ceil((len(self.tokens) - 1) / seq_len)
-        total = math.ceil(num_rows / batch_size)
-        self.num_batches = total if num_batches is None else min(total, num_batches)
+        self.total_batches = math.ceil(num_rows / batch_size)
+        self.indices = evenly_spaced(self.total_batches, num_batches)
+        self.num_batches = len(self.indices)
+
+    def whole(self) -> 'LMValidationBatches':
+        """The same split, every batch (a final evaluation)."""
+        return LMValidationBatches(self.tokens, self.batch_size, self.seq_len, None, self.pad_id)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -222,7 +239,7 @@ class LMValidationBatches:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         b, t = self.batch_size, self.seq_len
         n = len(self.tokens)
-        for i in range(self.num_batches):
+        for i in self.indices:
             batch = empty_batch(b, t, self.pad_id)
             for row in range(b):
                 start = (i * b + row) * t

@@ -253,19 +253,26 @@ class _Loop:
                 if pending is not None:
                     self._check(pending[0], phase.name, pending[1])
                     pending = None
-                self.evaluate_and_save(state, step, phase, phase_data)
+                final = step == run.total_steps or over_budget
+                self.evaluate_and_save(state, step, phase, phase_data, final)
             if over_budget:
                 self.log(f'time budget of {run.time_budget_s:.0f} s reached at step {step}')
                 self.stopped_early = True
                 break
         return state, step
 
-    def evaluate_and_save(self, state: TrainState, step: int, phase, phase_data) -> None:
-        self.validation = steps.evaluate(self.eval_step, state, phase_data.validation)
+    def evaluate_and_save(self, state: TrainState, step: int, phase, phase_data,
+                          final: bool = False) -> None:
+        """Evaluates (the run's last evaluation: the whole validation split), logs, saves."""
+        batches = phase_data.validation.whole() if final else phase_data.validation
+        self.validation = steps.evaluate(self.eval_step, state, batches)
         self.writer.write(step, 'val', {'loss': self.validation['loss'],
                                         'perplexity': self.validation['perplexity']})
+        scope = (f'whole validation split, {self.validation["tokens"]:,.0f} tokens' if final
+                 else f'{len(batches)} of {batches.total_batches} batches, '
+                      f'{self.validation["tokens"]:,.0f} tokens')
         self.bar.write(f'step {step}: validation loss {self.validation["loss"]:.4f} '
-                       f'(perplexity {self.validation["perplexity"]:.2f})')
+                       f'(perplexity {self.validation["perplexity"]:.2f}; {scope})')
         data_state = {'phase': phase.name, 'iterator': phase_data.train.state()}
         self.ckpt.save(step, state.checkpoint_tree(), data_state,
                        {**self.meta, 'phase': phase.name}, val_loss=self.validation['loss'])

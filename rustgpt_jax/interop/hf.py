@@ -1,5 +1,9 @@
 """Hugging Face LlamaForCausalLM / MistralForCausalLM <-> rustgpt_jax.
 
+`load_pretrained(directory)` / `save_pretrained(directory, config, params, tokenizer)` read
+and write whole model directories (file formats in `interop.hf_files`); the functions
+below them map one config and one state dict.
+
 Both families are the modern stack of SPEC §1 (RMSNorm, SwiGLU, RoPE, no bias, pre-norm,
 GQA), so a checkpoint maps onto `ModelConfig` one field at a time. Our RoPE uses HF's
 rotate-half layout (channel i pairs with i + H/2), so q/k weights load unpermuted.

@@ -9,9 +9,11 @@ from rustgpt_jax.data.corpus import (
 )
 from rustgpt_jax.data.errors import DataError
 from rustgpt_jax.data.instructions import (
+    CHAT_TEMPLATE,
     PROMPT_TEMPLATE,
     EncodedExample,
     InstructionExample,
+    chat_template_of,
     encode_instruction,
     format_prompt,
     load_instructions,
@@ -35,6 +37,7 @@ from rustgpt_jax.data.tokenizers import (
     TOKENIZER_KINDS,
     ByteBPETokenizer,
     CharTokenizer,
+    HFTokenizer,
     Tokenizer,
     WordTokenizer,
     build_tokenizer,
@@ -42,11 +45,12 @@ from rustgpt_jax.data.tokenizers import (
 )
 
 __all__ = [
-        'BATCH_KEYS', 'DEFAULT_KIND', 'DEFAULT_VALIDATION_FRACTION', 'PROMPT_TEMPLATE',
-        'TOKENIZER_KINDS', 'ByteBPETokenizer', 'CharTokenizer', 'DataError', 'EncodedExample',
-        'InstructionExample', 'LMBatchIterator', 'LMValidationBatches', 'PackedBatchIterator',
-        'PackedValidationBatches', 'PackingStats', 'ResumableIterator', 'Tokenizer',
-        'WordTokenizer', 'build_packed_batch', 'build_tokenizer', 'encode_instruction',
-        'first_fit', 'format_prompt', 'load_instructions', 'load_text', 'load_tokenizer',
-        'prepare_examples', 'shakespeare_files', 'shakespeare_text', 'train_validation_split',
+        'BATCH_KEYS', 'CHAT_TEMPLATE', 'DEFAULT_KIND', 'DEFAULT_VALIDATION_FRACTION',
+        'PROMPT_TEMPLATE', 'TOKENIZER_KINDS', 'ByteBPETokenizer', 'CharTokenizer', 'DataError',
+        'EncodedExample', 'HFTokenizer', 'InstructionExample', 'LMBatchIterator',
+        'LMValidationBatches', 'PackedBatchIterator', 'PackedValidationBatches', 'PackingStats',
+        'ResumableIterator', 'Tokenizer', 'WordTokenizer', 'build_packed_batch',
+        'build_tokenizer', 'chat_template_of', 'encode_instruction', 'first_fit',
+        'format_prompt', 'load_instructions', 'load_text', 'load_tokenizer', 'prepare_examples',
+        'shakespeare_files', 'shakespeare_text', 'train_validation_split',
 ]

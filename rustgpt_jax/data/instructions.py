@@ -22,11 +22,36 @@ from rustgpt_jax.data.errors import DataError
 from rustgpt_jax.data.tokenizer_base import Tokenizer
 
 PROMPT_TEMPLATE = 'User: {prompt}\nAssistant: '
+# PROMPT_TEMPLATE as a Hugging Face chat template (Jinja), exported with our models so
+# other tools render the format they were trained on. One user turn with
+# add_generation_prompt renders exactly `format_prompt`; an answer ends at the next
+# 'User:' line (the chat CLI's stop string), as the model never saw a system role.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ raise_exception('this model knows only user and assistant turns') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+OWN_KINDS = ('char', 'word', 'bpe')
 
 
 def format_prompt(prompt: str) -> str:
     """The text the model sees before its answer (shared with the chat CLI)."""
     return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def chat_template_of(tokenizer) -> str | None:
+    """The chat template to export with a model: its own, or CHAT_TEMPLATE for ours.
+
+    Our tokenizer kinds (char, word, bpe) mean a model trained here, which `rustgpt-chat`
+    prompts with PROMPT_TEMPLATE; a pretrained tokenizer carries its template (or none).
+    """
+    own = getattr(tokenizer, 'chat_template', None)
+    if own:
+        return own
+    return CHAT_TEMPLATE if getattr(tokenizer, 'kind', None) in OWN_KINDS else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Tokenizer factory and loader: `build_tokenizer(kind, text, **kwargs)`, `load_tokenizer(dir)`.
 
 Kinds: 'char' (default; `CharTokenizer`), 'bpe' (`ByteBPETokenizer`), 'word'
-(`WordTokenizer`). See `tokenizer_base` for the interface and the saved format.
+(`WordTokenizer`). `HFTokenizer` ('hf', a pretrained model's `tokenizer.json`) is not
+built from a corpus but loads like the others once saved. See `tokenizer_base` for the
+interface and the saved format.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import inspect
 
 from rustgpt_jax.data.bpe_tokenizer import ByteBPETokenizer
 from rustgpt_jax.data.errors import DataError
+from rustgpt_jax.data.hf_tokenizer import HFTokenizer
 from rustgpt_jax.data.tokenizer_base import REGISTRY, Tokenizer, read_meta
 from rustgpt_jax.data.vocab_tokenizers import CharTokenizer, WordTokenizer
 
@@ -67,4 +70,4 @@ def load_tokenizer(directory: str) -> Tokenizer:
 
 
 __all__ = ['DEFAULT_KIND', 'TOKENIZER_KINDS', 'ByteBPETokenizer', 'CharTokenizer',
-           'Tokenizer', 'WordTokenizer', 'build_tokenizer', 'load_tokenizer']
+           'HFTokenizer', 'Tokenizer', 'WordTokenizer', 'build_tokenizer', 'load_tokenizer']

@@ -6,6 +6,12 @@ Prompt rules (never a crash; every adjustment is reported on stderr):
     tokenizer's message and exits with status 2 (the chat asks again);
   * an empty prompt starts from BOS, else from EOS (the document separator the model
     saw in training), else it is an error;
+  * a model with its own chat template (a GGUF file's `tokenizer.chat_template`, an HF
+    directory's `chat_template`): `rustgpt-chat` renders the whole conversation with it
+    (decoding.chat_template, as transformers' apply_chat_template), parses the special
+    tokens it writes, puts BOS first when the tokenizer adds one and the template did not
+    (as llama.cpp does), and ends an answer at the template's end-of-turn token. Runs
+    trained here keep 'User: ...\nAssistant: ', one turn at a time, as they were trained;
   * too long for a model with a fixed context (full causal or learned positions,
     `cache.context_limit`): max_new_tokens is capped at context - 1 and the prompt is
     cut from the left to the newest context - max_new_tokens tokens. A sliding-window
@@ -24,10 +30,12 @@ import jax
 from rustgpt_jax.data.instructions import format_prompt
 from rustgpt_jax.decoding.beam import BeamConfig, beam_search
 from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
+from rustgpt_jax.decoding.chat_template import ChatFormat, end_of_turn_id, special_tokens_of
 from rustgpt_jax.decoding.sampling import SamplingConfig
 from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_stop
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.gguf import load_gguf
+from rustgpt_jax.interop.hf import load_pretrained
 from rustgpt_jax.training.checkpoint import load_for_inference
 
 CHAT_STOP = ('\nUser:',)  # a chat answer ends where the model starts the next turn
@@ -44,10 +52,20 @@ def load_gguf_model(path: str, context: Optional[int] = None):
 
 
 def _load(args):
-    """The model the flags name: --gguf FILE or --checkpoint DIR."""
+    """The model the flags name: --gguf FILE, --hf DIR or --checkpoint DIR."""
     if args.gguf:
         return load_gguf_model(args.gguf, args.context)
+    if args.hf:
+        return load_pretrained(args.hf, **({} if args.context is None else
+                                           {'max_seq_len': args.context}))
     return load_checkpoint(args.checkpoint, args.which)
+
+
+def _session(args, err: TextIO) -> 'Session':
+    """The Session of the flags' model; pretrained models put BOS first as trained."""
+    config, params, tokenizer = _load(args)
+    add_bos = bool(args.gguf) or bool(args.hf and tokenizer.add_bos)
+    return Session(config, params, tokenizer, err=err, add_bos=add_bos)
 
 
 class Session:
@@ -67,11 +85,15 @@ class Session:
         self.limit = context_limit(self.config)
         self.err = err
 
-    def encode(self, text: str, max_new_tokens: int) -> tuple[list[int], int]:
-        """Prompt ids and the max_new_tokens that fit (see the module docstring)."""
+    def encode(self, text: str, max_new_tokens: int,
+               special: bool = False) -> tuple[list[int], int]:
+        """Prompt ids and the max_new_tokens that fit (see the module docstring).
+
+        `special`: parse special tokens written in the text (a rendered chat template).
+        """
         tok = self.tokenizer
-        ids = [int(i) for i in tok.encode(text)]
-        if self.add_bos and text:
+        ids = [int(i) for i in (tok.encode(text, special=True) if special else tok.encode(text))]
+        if self.add_bos and text and not (special and ids[:1] == [tok.bos_id]):
             ids = [int(tok.bos_id)] + ids  # llama models were trained with BOS first
         unknown = sum(i == tok.unk_id for i in ids) if tok.unk_id is not None else 0
         if unknown:
@@ -96,16 +118,21 @@ class Session:
         return ids, max_new_tokens
 
     def stream_text(self, text: str, *, max_new_tokens: int, sampling: SamplingConfig,
-                    seed: int, stop: Sequence[str], out: TextIO) -> str:
-        """Streams the continuation of `text` to `out`; returns it."""
-        ids, max_new_tokens = self.encode(text, max_new_tokens)
+                    seed: int, stop: Sequence[str], out: TextIO, special: bool = False,
+                    stop_ids: Sequence[int] = ()) -> str:
+        """Streams the continuation of `text` to `out`; returns it.
+
+        `special` as in `encode`; generation also ends after any id in `stop_ids` (a chat
+        template's end-of-turn token).
+        """
+        ids, max_new_tokens = self.encode(text, max_new_tokens, special)
         streamer = TextStreamer(self.tokenizer, stop)
         for token in stream(self.model, self.params, ids, max_new_tokens=max_new_tokens,
                             sampling=sampling, eos_id=self.tokenizer.eos_id,
                             rng=jax.random.key(seed), limit=self.limit):
             out.write(streamer.push(token))
             out.flush()
-            if streamer.stopped:
+            if streamer.stopped or token in stop_ids:
                 break
         out.write(streamer.flush())
         out.flush()
@@ -129,9 +156,11 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--checkpoint', help='run or checkpoints/ directory')
     source.add_argument('--gguf', help='a llama-architecture GGUF file (e.g. TinyLlama)')
+    source.add_argument('--hf', help='a Hugging Face Llama/Mistral model directory')
     parser.add_argument('--which', choices=('best', 'latest'), default='best')
     parser.add_argument('--context', type=int, default=None,
-                        help='--gguf: context length / KV-cache size (default: the file\'s)')
+                        help='--gguf / --hf: context length / KV-cache size (default: the '
+                             "model's)")
     parser.add_argument('--max_new_tokens', type=int, default=200)
     parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
     parser.add_argument('--top_k', type=int, default=0, help='0 = off')
@@ -177,7 +206,7 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     args = parser.parse_args(argv)
     try:
         with _wakeup(args, err):
-            session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
+            session = _session(args, err)
             if args.beam:
                 config = BeamConfig(width=args.beam_width, min_width=args.min_width,
                                     max_width=args.max_width, alpha=args.alpha,
@@ -197,24 +226,50 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     return 0
 
 
+def _chat_format(args, tokenizer) -> Optional[ChatFormat]:
+    """The model's chat template under --template auto/model, else None; checks --system."""
+    template = getattr(tokenizer, 'chat_template', None)
+    if args.template == 'model' and not template:
+        raise ValueError('--template model: this model has no chat template (use chat or plain)')
+    if args.template in ('chat', 'plain') or not template:
+        if args.system is not None:
+            raise ValueError('--system needs a chat template with a system role; the '
+                             f"{'plain' if args.template == 'plain' else 'chat'} format has none")
+        return None
+    chat = ChatFormat(template, special_tokens_of(tokenizer))
+    if args.system is not None and not chat.supports_system():
+        raise ValueError("--system: this model's chat template has no system role")
+    return chat
+
+
 def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """`rustgpt-chat`: a REPL; each line is answered (streamed); `exit` or EOF quits."""
     parser = argparse.ArgumentParser(prog='rustgpt-chat', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_args(parser)
-    parser.add_argument('--template', choices=('chat', 'plain'), default='chat',
-                        help="chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); "
-                             'plain: continue the text as typed')
+    parser.add_argument('--template', choices=('auto', 'model', 'chat', 'plain'), default='auto',
+                        help="model: the model's own chat template over the whole conversation; "
+                             "chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); plain: "
+                             'continue the text as typed; auto: model when it has one, else chat')
+    parser.add_argument('--system', default=None,
+                        help='a system message (for a chat template with a system role)')
     args = parser.parse_args(argv)
     try:
-        session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
+        session = _session(args, err)
+        chat = _chat_format(args, session.tokenizer)
         sampling = _sampling(args)
         wakeup = _wakeup(args, err)
     except ValueError as e:
         print(f'error: {e}', file=err)
         return 2
-    stop = list(args.stop) + (list(CHAT_STOP) if args.template == 'chat' else [])
+    own_format = chat is None and args.template != 'plain'
+    stop = list(args.stop) + (list(CHAT_STOP) if own_format else [])
+    messages, stop_ids = [], ()
+    if chat is not None:
+        messages = [{'role': 'system', 'content': args.system}] if args.system else []
+        eot = end_of_turn_id(chat, session.tokenizer)
+        stop_ids = tuple(i for i in (eot, session.tokenizer.eos_id) if i is not None)
     with wakeup:
         out.write("Type a message; 'exit' quits.\n")
         for turn in range(1 << 30):
@@ -224,11 +279,19 @@ def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
             if not line or line.strip() in ('exit', 'quit'):
                 break
             text = line.rstrip('\n')
-            prompt = format_prompt(text) if args.template == 'chat' else text
             out.write('Assistant: ')
             try:
-                session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    seed=args.seed + turn, stop=stop, out=out)
+                if chat is not None:  # the whole conversation, rendered by the model's template
+                    prompt = chat.render(messages + [{'role': 'user', 'content': text}])
+                else:
+                    prompt = format_prompt(text) if own_format else text
+                answer = session.stream_text(
+                    prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                    seed=args.seed + turn, stop=stop, out=out, special=chat is not None,
+                    stop_ids=stop_ids)
+                if chat is not None:
+                    messages += [{'role': 'user', 'content': text},
+                                 {'role': 'assistant', 'content': answer}]
             except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
                 print(f'error: {e}', file=err)
             out.write('\n')

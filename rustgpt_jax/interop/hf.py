@@ -1,5 +1,9 @@
 """Hugging Face LlamaForCausalLM / MistralForCausalLM <-> rustgpt_jax.
 
+`load_pretrained(directory)` / `save_pretrained(directory, config, params, tokenizer)` read
+and write whole model directories (file formats in `interop.hf_files`); the functions
+below them map one config and one state dict.
+
 Both families are the modern stack of SPEC §1 (RMSNorm, SwiGLU, RoPE, no bias, pre-norm,
 GQA), so a checkpoint maps onto `ModelConfig` one field at a time. Our RoPE uses HF's
 rotate-half layout (channel i pairs with i + H/2), so q/k weights load unpermuted.
@@ -18,7 +22,8 @@ Weight layouts (torch Linear stores (out, in); ours is (in, *out)):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import os
+from typing import Any, Mapping, Optional
 
 import flax
 import numpy as np
@@ -33,8 +38,11 @@ from rustgpt_jax.config import (
     PositionType,
     WindowStrategy,
 )
+from rustgpt_jax.data.instructions import chat_template_of
+from rustgpt_jax.interop import hf_files
 
 _MODEL_TYPES = ('llama', 'mistral')
+_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM'}
 # Non-persistent buffers some older checkpoints still carry; they hold no weights.
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 
@@ -336,3 +344,100 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np
         out[p + 'post_attention_layernorm.weight'] = layer['ffn_norm']['scale']
     # Writable and C-contiguous, so torch.from_numpy takes them without a warning.
     return {name: np.require(value, requirements=['C', 'W']) for name, value in out.items()}
+
+
+def config_json(config: ModelConfig, bos_id: Optional[int] = None,
+                eos_id: Optional[int] = None, pad_id: Optional[int] = None) -> dict:
+    """The `config.json` of `config` (transformers 5.x layout), written without transformers.
+
+    Args:
+      config: an HF-compatible ModelConfig; MistralForCausalLM when windowed, else Llama.
+      bos_id, eos_id, pad_id: the tokenizer's special ids (None when it has none).
+    """
+    _check_hf_compatible(config)
+    model_type = 'mistral' if config.window_size is not None else 'llama'
+    out = {
+        'architectures': [_ARCHITECTURES[model_type]], 'model_type': model_type,
+        'vocab_size': config.vocab_size, 'hidden_size': config.embed_dim,
+        'intermediate_size': config.hidden_dim, 'num_hidden_layers': config.num_layers,
+        'num_attention_heads': config.num_heads, 'num_key_value_heads': config.num_kv_heads,
+        'head_dim': config.effective_head_dim, 'max_position_embeddings': config.max_seq_len,
+        'rms_norm_eps': config.norm_eps, 'tie_word_embeddings': config.tie_embeddings,
+        'hidden_act': 'silu', 'attention_dropout': 0.0, 'initializer_range': config.init_std,
+        'rope_parameters': {'rope_type': 'default', 'rope_theta': float(config.rope_base)},
+        'bos_token_id': bos_id, 'eos_token_id': eos_id, 'pad_token_id': pad_id,
+        'dtype': 'float32', 'use_cache': True}
+    if model_type == 'mistral':
+        out['sliding_window'] = config.window_size
+    else:
+        out.update(attention_bias=False, mlp_bias=False)
+    return out
+
+
+def load_pretrained(directory: str, **overrides):
+    """(config, params, tokenizer) of a Hugging Face Llama / Mistral model directory.
+
+    Args:
+      directory: holds config.json, model.safetensors (or model.safetensors.index.json
+        and its shards) and, optionally, tokenizer.json (+ tokenizer_config.json,
+        chat_template.jinja).
+      **overrides: ModelConfig fields to set (e.g. `max_seq_len`, `param_dtype`).
+
+    Returns:
+      (ModelConfig, plain param tree in the standard layout, data.HFTokenizer or None).
+
+    Raises:
+      ValueError: a missing file, or a field this package does not implement (named:
+        architectures, model_type, rope scaling, attention_bias, ...).
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, hf_files.CONFIG_JSON)
+    values = hf_files.read_json(config_path)
+    architectures = values.get('architectures') or []
+    unknown = [a for a in architectures if a not in _ARCHITECTURES.values()]
+    if unknown:
+        raise ValueError(f'{config_path}: architectures {unknown} are not supported; expected '
+                         f'one of {sorted(_ARCHITECTURES.values())}')
+    try:
+        config = config_from_hf(values, **overrides)
+    except ValueError as e:
+        raise ValueError(f'{config_path}: {e}') from None
+    params = params_from_hf(hf_files.read_state_dict(directory), config)
+    tokenizer = hf_files.read_tokenizer(directory)
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f'{directory}: the tokenizer has {tokenizer.vocab_size} ids, '
+                         f'vocab_size is {config.vocab_size}')
+    return config, params, tokenizer
+
+
+def save_pretrained(directory: str, config: ModelConfig, params, tokenizer=None) -> str:
+    """Writes a model directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Args:
+      directory: created if missing.
+      config: an HF-compatible ModelConfig.
+      params: its param tree (boxed or plain).
+      tokenizer: None (model files only), one of ours (char, word, bpe: exported as a
+        `tokenizers` JSON with PROMPT_TEMPLATE as the chat template) or an HFTokenizer.
+
+    Returns:
+      `directory`.
+
+    Raises:
+      ValueError: a ModelConfig field with no Llama/Mistral equivalent, or a tokenizer
+        kind with no `tokenizers` mapping (named).
+    """
+    directory = os.fspath(directory)
+    _check_hf_compatible(config)
+    os.makedirs(directory, exist_ok=True)
+    state = params_to_hf(params, config)
+    if config.tie_embeddings:  # transformers ties it to the embedding table on load
+        state.pop('lm_head.weight')
+    ids = {}
+    if tokenizer is not None:
+        hf_files.write_tokenizer(directory, tokenizer, chat_template_of(tokenizer),
+                                 config.max_seq_len)
+        ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    hf_files.write_json(os.path.join(directory, hf_files.CONFIG_JSON), config_json(config, **ids))
+    hf_files.write_weights(directory, state)
+    return directory

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from rustgpt_jax import data as data_lib
 from rustgpt_jax.sharding.training import ShardingPlan, make_plan
 from rustgpt_jax.summary import architecture_summary
-from rustgpt_jax.training import adaptive_glue, data_setup, optim, steps
+from rustgpt_jax.training import adaptive_glue, data_setup, init_from, optim, steps
 from rustgpt_jax.training import metrics as metrics_lib
 from rustgpt_jax.training.checkpoint import TOKENIZER_DIR, Checkpointer, make_meta
 from rustgpt_jax.training.run_config import RunConfig
@@ -76,10 +76,13 @@ def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer,
     return template.replace_tree(tree), index, data_state['iterator']
 
 
-def _setup_tokenizer(run: RunConfig, ckpt_dir: str, resume: bool) -> data_lib.Tokenizer:
+def _setup_tokenizer(run: RunConfig, ckpt_dir: str, resume: bool,
+                     init: Optional[init_from.Pretrained] = None) -> data_lib.Tokenizer:
     saved = os.path.join(ckpt_dir, TOKENIZER_DIR)
     if resume and os.path.isdir(saved):
         tokenizer = data_lib.load_tokenizer(saved)
+    elif init is not None:
+        tokenizer = init.tokenizer
     else:
         tokenizer = data_setup.build_tokenizer(run.data)
     data_setup.check_vocab(tokenizer, run.model)
@@ -88,7 +91,7 @@ def _setup_tokenizer(run: RunConfig, ckpt_dir: str, resume: bool) -> data_lib.To
 
 def train(run: RunConfig, resume: bool = False, gin_config: str = '',
           log: Callable[[str], None] = print, stop_at_step: Optional[int] = None,
-          ) -> TrainResult:
+          init: Optional[init_from.Pretrained] = None) -> TrainResult:
     """Runs (or resumes) every phase of `run`.
 
     Args:
@@ -99,6 +102,9 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
       log: where progress lines go.
       stop_at_step: end abruptly once this global step is done, with no final
         evaluation or checkpoint, as a kill would (for resumption tests).
+      init: pretrained weights and tokenizer to start from (`init_from.load_source`;
+        `run.model` must be `init_from.model_config` of it). A resumed run continues
+        from its checkpoint instead.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf (the message names the step and the
@@ -109,7 +115,7 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
             name.isdigit() for name in os.listdir(ckpt_dir)):
         raise ValueError(f'{ckpt_dir} already holds checkpoints; pass --resume to continue '
                          'that run or choose another run_dir')
-    tokenizer = _setup_tokenizer(run, ckpt_dir, resume)
+    tokenizer = _setup_tokenizer(run, ckpt_dir, resume, init)
     ckpt = Checkpointer(ckpt_dir, max_to_keep=run.max_to_keep)
     ckpt.save_tokenizer(tokenizer)
     if gin_config:
@@ -126,10 +132,11 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
     context = plan.activate() if plan is not None else contextlib.nullcontext()
     with context:
         return _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer,
-                      plan)
+                      plan, init)
 
 
-def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, plan):
+def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, plan,
+           init=None):
     restored = _restore_or_none(run, ckpt, tokenizer, plan) if resume else None
     state, step, resume_phase, resume_iter = None, 0, None, None
     if restored is not None:
@@ -144,8 +151,14 @@ def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, 
             if step < end:
                 tx = optim.make_optimizer(phase.optimizer)
                 if state is None:
-                    state = create_train_state(run.model, tx, run.seed, phase.batch_size,
-                                               phase.seq_len)
+                    if init is not None:
+                        state = init_from.initial_state(run.model, tx, run.seed,
+                                                        phase.batch_size, phase.seq_len,
+                                                        init.params)
+                        log(f'initialised from {init.path}')
+                    else:
+                        state = create_train_state(run.model, tx, run.seed, phase.batch_size,
+                                                   phase.seq_len)
                     summary = architecture_summary(run.model)
                     log(f'{summary}\nparameters built: {count_params(state.params):,}')
                     writer.write_text('architecture', summary)

@@ -145,7 +145,8 @@ def tokenizer_from_metadata(header: GGUFHeader) -> Optional[GGUFTokenizer]:
             add_bos=t('add_bos_token', bool, default=None),
             add_eos=t('add_eos_token', bool, default=False),
             add_space_prefix=t('add_space_prefix', bool, default=None),
-            pre=t('pre', str, default=None))
+            pre=t('pre', str, default=None),
+            chat_template=_meta(header, 'tokenizer.chat_template', str, default=None))
     except ValueError as e:
         raise header.error(str(e), 'tokenizer.ggml.model') from None
 

@@ -68,6 +68,8 @@ class GGUFTokenizer(Tokenizer):
       add_bos, add_eos: whether `encode` adds BOS / EOS by default.
       add_space_prefix: llama only; prepend a space before text that starts a fragment.
       pre: the gpt2 pre-tokenizer name (`tokenizer.ggml.pre`).
+      chat_template: the Jinja chat template (`tokenizer.chat_template`), or None; it
+        does not change what an id means, so it is not part of the fingerprint.
     """
 
     kind = 'gguf'
@@ -76,7 +78,7 @@ class GGUFTokenizer(Tokenizer):
                  merges: Optional[Sequence[str]] = None, bos_id=None, eos_id=None,
                  unk_id=None, pad_id=None, add_bos: Optional[bool] = None,
                  add_eos: bool = False, add_space_prefix: Optional[bool] = None,
-                 pre: Optional[str] = None):
+                 pre: Optional[str] = None, chat_template: Optional[str] = None):
         if model not in ('llama', 'gpt2'):
             raise DataError(f"tokenizer.ggml.model {model!r} is not supported (expected "
                             "'llama' or 'gpt2')")
@@ -84,6 +86,7 @@ class GGUFTokenizer(Tokenizer):
         if n == 0:
             raise DataError('tokenizer.ggml.tokens is empty')
         self.model, self.tokens, self.pre = model, list(tokens), pre
+        self.chat_template = chat_template
         self.scores = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)
         self.token_types = (np.full(n, NORMAL, np.int32) if token_types is None
                             else np.asarray(token_types, np.int32))
@@ -280,7 +283,8 @@ class GGUFTokenizer(Tokenizer):
                 'token_types': self.token_types.tolist(), 'merges': self.merges,
                 'bos_id': self.bos_id, 'eos_id': self.eos_id, 'unk_id': self.unk_id,
                 'pad_id': self.pad_id, 'add_bos': self.add_bos, 'add_eos': self.add_eos,
-                'add_space_prefix': self.add_space_prefix, 'pre': self.pre}
+                'add_space_prefix': self.add_space_prefix, 'pre': self.pre,
+                'chat_template': self.chat_template}
 
     @classmethod
     def _from_payload(cls, payload: dict, directory: str) -> 'GGUFTokenizer':

@@ -24,6 +24,7 @@ from rustgpt_jax.config import (
     PositionType,
     WindowStrategy,
 )
+from rustgpt_jax.data.instructions import chat_template_of
 from rustgpt_jax.interop.gguf.loader import ARCH, GGUF_TO_HF, LAYER_TO_HF, permute_qk
 from rustgpt_jax.interop.gguf.tokenizer import (
     CONTROL,
@@ -75,11 +76,12 @@ def vocab_of(tokenizer, vocab_size: int) -> dict:
 
     Returns:
       dict with model, tokens, scores, token_types, merges, bos/eos/unk/pad ids,
-      add_bos, add_space_prefix, pre.
+      add_bos, add_space_prefix, pre, chat_template (the tokenizer's own, or for ours
+      `data.CHAT_TEMPLATE`, the format they are trained on).
     """
     kind = getattr(tokenizer, 'kind', None)
     out = dict(merges=None, bos_id=None, unk_id=None, pad_id=None, add_bos=False,
-               add_space_prefix=False, pre=None)
+               add_space_prefix=False, pre=None, chat_template=chat_template_of(tokenizer))
     if isinstance(tokenizer, GGUFTokenizer):
         out.update(model=tokenizer.model, tokens=list(tokenizer.tokens),
                    scores=tokenizer.scores.tolist(), token_types=tokenizer.token_types.tolist(),
@@ -142,6 +144,8 @@ def _add_vocab(writer, vocab: dict) -> None:
     writer.add_add_eos_token(False)
     if vocab['model'] == 'llama':
         writer.add_add_space_prefix(bool(vocab['add_space_prefix']))
+    if vocab['chat_template']:
+        writer.add_chat_template(vocab['chat_template'])
 
 
 def _encode(name: str, array: np.ndarray, qtype_name: str):

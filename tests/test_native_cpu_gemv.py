@@ -192,3 +192,35 @@ def test_concurrent_builds_produce_one_library(tmp_path):
     paths = {out.strip() for out, _ in outputs}
     assert len(paths) == 1 and os.path.exists(paths.pop())
     assert len(list(tmp_path.glob('*.so'))) == 1 and not list(tmp_path.glob('*.tmp'))
+
+
+@pytest.mark.parametrize('threads,spin_us', [(1, 0), (2, 0), (3, 50), (None, None)])
+def test_thread_and_spin_settings_reach_the_kernel_and_keep_the_result(threads, spin_us):
+    # Each setting is an attribute of the call: a new pool per setting, same products.
+    _require_kernel()
+    x, w = _case(4, 771, 2051, seed=threads or 0)
+    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=(2, 3, 4))(x, w, False, threads,
+                                                                        spin_us))
+    expected = _oracle(x, w)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    text = jax.jit(cpu_gemv.gemv, static_argnums=(2, 3, 4)).lower(
+        x, w, False, threads, spin_us).as_text()
+    want_threads = cpu_gemv.threads_setting(threads)
+    assert re.search(rf'threads = {want_threads} : i64', text), text[-2000:]
+
+
+def test_settings_come_from_the_environment_only_where_not_given(monkeypatch):
+    monkeypatch.setenv('RGJ_GEMV_THREADS', '3')
+    monkeypatch.setenv('RGJ_GEMV_SPIN_US', '7')
+    monkeypatch.setenv('RGJ_CACHE_DIR', '/tmp/rgj-env-cache')
+    assert cpu_gemv.threads_setting() == 3 and cpu_gemv.threads_setting(5) == 5
+    assert cpu_gemv.spin_setting() == 7 and cpu_gemv.spin_setting(0) == 0
+    assert str(cpu_gemv.cache_dir()) == '/tmp/rgj-env-cache'
+    assert str(cpu_gemv.cache_dir('/tmp/explicit')) == '/tmp/explicit'
+    monkeypatch.setenv('RGJ_GEMV_THREADS', 'many')
+    with pytest.raises(ValueError, match=r'\$RGJ_GEMV_THREADS must be an integer'):
+        cpu_gemv.threads_setting()
+    monkeypatch.delenv('RGJ_GEMV_THREADS')
+    monkeypatch.delenv('RGJ_GEMV_SPIN_US')
+    assert cpu_gemv.threads_setting() == min(len(os.sched_getaffinity(0)), 8)
+    assert cpu_gemv.spin_setting() == 1000

@@ -266,3 +266,18 @@ def test_a_checkpoint_saved_with_the_packed_layout_still_loads(tmp_path):
     saved.update(packed_projections=True, matvec_row_blocks=[['w2', 2]], matvec_impl='cpu_gemv')
     assert config_from_dict(saved) == config and legacy_packed(saved)
     assert not legacy_packed(config_to_dict(config))
+
+
+def test_execution_kernel_settings_reach_every_gemv_call():
+    from test_native_cpu_gemv import _require_kernel
+    _require_kernel()
+    config = tiny_config(num_kv_heads=2)
+    decode = prepare_for_decode(config, init_params(config), matvec='cpu_gemv', gemv_threads=2,
+                                gemv_spin_us=123)
+    assert decode.execution.gemv_threads == 2 and decode.execution.gemv_spin_us == 123
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    text = jax.jit(lambda p: decode.model.apply({'params': p}, tokens)).lower(
+        decode.params).as_text()
+    calls = text.count('custom_call @rgj_gemv')
+    assert calls == 4 * config.num_layers + 1  # qkv, o, w13, w2 per layer, and the head
+    assert text.count('threads = 2 : i64') == text.count('spin_us = 123 : i64') == calls

@@ -127,7 +127,7 @@ def test_auto_on_stubbed_gpu_decodes_with_the_pallas_kernel(on_gpu):
     kern = attention.attention_kernels(AUTO, TRAIN_BF16)
     assert kern.step is kernels.flash_decode and not kern.step_before_write
     assert not kern.dense_probs
-    assert attention.describe(AUTO, TRAIN_BF16)[0].startswith('auto -> cudnn: gpu: ')
+    assert attention.describe(AUTO, TRAIN_BF16)[0].startswith('auto -> cudnn (gpu: ')
 
 
 def _lowered_text(fn, *args):

@@ -96,8 +96,7 @@ def describe(impl: AttentionImpl, call: AttentionCall = AttentionCall(),
     if impl != AttentionImpl.AUTO:
         return [f'{impl.value} (explicit)', f'{impl.value} (explicit)']
     full, step = auto.choose(call, backend), auto.choose_step(backend)
-    return [f'auto -> {full.impl.value}: {full.reason}',
-            f'auto -> {step.impl.value}: {step.reason}']
+    return [f'auto -> {full.impl.value} ({full.reason})', f'auto ({step.reason})']
 
 
 def _auto_full(call: AttentionCall, q, k, v, *, q_positions, kv_positions,

@@ -1,6 +1,5 @@
 """AttentionImpl.AUTO: its choice per backend (GPU/TPU stubbed) and its values on CPU."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,10 @@ from rustgpt_jax.runtime.auto import AttentionCall
 from rustgpt_jax.runtime.decode_attention import cached_decode_attention
 
 NO_WINDOW = masks.NO_WINDOW
+# The value tests run where the backend is the CPU (CI); on a GPU (the accelerator suite)
+# the native cuDNN test below runs instead.
+cpu_only = pytest.mark.skipif(jax.default_backend() != 'cpu', reason='CPU values')
+gpu_only = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
 AUTO, REF, BLOCKED = AttentionImpl.AUTO, AttentionImpl.REFERENCE, AttentionImpl.BLOCKED
 PALLAS, CUDNN = AttentionImpl.PALLAS, AttentionImpl.CUDNN
 
@@ -77,11 +80,10 @@ def arange(b, t):
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-@pytest.mark.parametrize('window, segments, n, k', [(NO_WINDOW, False, 4, 4),
-                                                    (5, True, 4, 2), (9, False, 4, 1)])
+@cpu_only
+@pytest.mark.parametrize('window, segments, n, k', [(NO_WINDOW, False, 2, 2), (5, True, 4, 1)])
 def test_auto_on_cpu_is_blocked_with_the_reference_values_and_grads(window, segments, n, k):
-    assert jax.default_backend() == 'cpu'
-    b, t, h = 2, 40, 16
+    b, t, h = 2, 24, 16
     call = AttentionCall(static_window=window)
     kern = attention.attention_kernels(AUTO, call)
     assert kern.step is cached_decode_attention and kern.step_before_write
@@ -90,22 +92,28 @@ def test_auto_on_cpu_is_blocked_with_the_reference_values_and_grads(window, segm
     pos = arange(b, t)
     kw = dict(q_positions=pos, kv_positions=pos, window=jnp.int32(window))
     if segments:
-        seg = (jnp.arange(t)[None] >= jnp.array([[0], [17]])).astype(jnp.int32)
+        seg = (jnp.arange(t)[None] >= jnp.array([[0], [11]])).astype(jnp.int32)
         kw.update(q_segment_ids=seg, kv_segment_ids=seg)
 
-    def loss(fn, q, kk, v):
-        return jnp.sum(fn(q, kk, v, **kw) * jnp.cos(jnp.arange(h)))
+    @jax.jit
+    def values_and_grads(q, kk, v):
+        out = {}
+        for name, fn in (('auto', kern.full), ('reference', mha_reference),
+                         ('blocked', attention.attention_kernels(BLOCKED).full)):
+            def loss(q, kk, v, fn=fn):
+                return jnp.sum(fn(q, kk, v, **kw) * jnp.cos(jnp.arange(h)))
+            out[name] = (fn(q, kk, v, **kw), jax.grad(loss, (0, 1, 2))(q, kk, v))
+        return out
 
-    out = kern.full(q, kk, v, **kw)
-    np.testing.assert_allclose(out, mha_reference(q, kk, v, **kw), atol=2e-5, rtol=2e-5)
-    grads = jax.grad(functools.partial(loss, kern.full), (0, 1, 2))(q, kk, v)
-    ref_grads = jax.grad(functools.partial(loss, mha_reference), (0, 1, 2))(q, kk, v)
-    for g, rg in zip(grads, ref_grads):
+    out = values_and_grads(q, kk, v)
+    np.testing.assert_allclose(out['auto'][0], out['reference'][0], atol=2e-5, rtol=2e-5)
+    for g, rg in zip(out['auto'][1], out['reference'][1]):
         np.testing.assert_allclose(g, rg, atol=2e-5, rtol=2e-4)
-    blocked = attention.attention_kernels(BLOCKED).full(q, kk, v, **kw)
-    np.testing.assert_array_equal(out, blocked)  # the same computation, bit for bit
+    # The same computation as the explicit blocked path, bit for bit.
+    np.testing.assert_array_equal(out['auto'][0], out['blocked'][0])
 
 
+@cpu_only
 def test_auto_on_cpu_takes_chunks_against_a_cache_and_entropy_layers_exactly():
     # T != S: the blocked loop refuses this layout, AUTO runs the reference.
     b, t, s, n, k, h = 1, 6, 20, 4, 2, 16
@@ -191,11 +199,12 @@ def test_index_mask_attention_is_the_predicate_on_unpadded_rows(window):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@cpu_only
 def test_cudnn_runs_fused_only_on_batches_that_fit(monkeypatch):
     # XLA's twin of the cuDNN call; the Pallas fallback (interpret mode on CPU) replaced
     # by zeros to see which branch ran.
     monkeypatch.setattr(attention, 'CUDNN_IMPLEMENTATION', 'xla')
-    b, t, n, k, h, window = 2, 32, 4, 2, 16, 8
+    b, t, n, k, h, window = 2, 16, 2, 1, 16, 6
     q, kk, v = make_inputs(5, b, t, t, n, k, h, jnp.bfloat16)
     full = attention.attention_kernels(CUDNN, AttentionCall(static_window=window)).full
     pos = arange(b, t)
@@ -219,3 +228,24 @@ def test_cudnn_runs_fused_only_on_batches_that_fit(monkeypatch):
     monkeypatch.setattr(kernels, 'flash_attention', lambda q, *a, **kw: jnp.zeros_like(q))
     assert float(jnp.max(jnp.abs(up(run(pos))))) > 0  # fused
     assert float(jnp.max(jnp.abs(up(run(padded))))) == 0  # fallback
+
+
+@gpu_only
+@pytest.mark.parametrize('window', [NO_WINDOW, 64])
+def test_auto_runs_cudnn_natively_with_the_reference_values(window):
+    # The accelerator suite's check of the real cuDNN call (bf16, GQA, head_dim 128).
+    b, t, n, k, h = 2, 256, 8, 2, 128
+    call = AttentionCall(static_window=window)
+    assert auto.choose(call.at(*make_inputs(0, 1, 1, 1, n, k, h, jnp.bfloat16)[:2])).impl \
+        == CUDNN
+    q, kk, v = make_inputs(7, b, t, t, n, k, h, jnp.bfloat16)
+    pos = arange(b, t)
+    kw = dict(q_positions=pos, kv_positions=pos, window=jnp.int32(window))
+    full = jax.jit(lambda q, kk, v: attention.attention_kernels(AUTO, call).full(
+        q, kk, v, **kw))
+    out = full(q, kk, v).astype(jnp.float32)
+    up = [x.astype(jnp.float32) for x in (q, kk, v)]
+    np.testing.assert_allclose(out, mha_reference(*up, **kw), atol=3e-2, rtol=3e-2)
+    text = jax.jit(lambda q, kk, v: attention.attention_kernels(AUTO, call).full(
+        q, kk, v, **kw)).lower(q, kk, v).as_text()
+    assert 'cudnn' in text and '__gpu$xla.gpu.triton' in text  # fused, Triton fallback

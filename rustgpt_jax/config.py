@@ -68,10 +68,16 @@ class WindowStrategy(enum.Enum):
 
 
 class AttentionImpl(enum.Enum):
-    """Which kernel computes softmax(q k^T) v; all share one mask predicate."""
+    """Which kernel computes softmax(q k^T) v; all share one mask predicate.
+
+    AUTO picks one of the others per backend and call (`runtime.auto.choose`); the
+    explicit values stay for tests and benchmarks.
+    """
+    AUTO = 'auto'  # the best of the below for the backend and the call
     REFERENCE = 'reference'  # dense einsum, float32 softmax
     BLOCKED = 'blocked'  # XLA flash-style loop that skips fully masked key blocks
     PALLAS = 'pallas'  # fused Pallas kernel (rustgpt_jax.kernels)
+    CUDNN = 'cudnn'  # cuDNN fused attention where its mask fits, else the Pallas kernel
 
 
 class AttentionVariant(enum.Enum):
@@ -182,7 +188,7 @@ class ModelConfig:
     min_window: int = 1
     max_window: Optional[int] = None
     window_ema_alpha: float = 0.2
-    attention_impl: AttentionImpl = AttentionImpl.REFERENCE
+    attention_impl: AttentionImpl = AttentionImpl.AUTO
     attention_variant: AttentionVariant = AttentionVariant.STANDARD
     architecture: Architecture = Architecture.TRANSFORMER
     adaattn_ranks: tuple = (8,)

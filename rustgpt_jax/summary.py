@@ -28,6 +28,8 @@ from rustgpt_jax.param_counts import (
     parameter_counts_hypermixer,
     transformer_parameter_counts,
 )
+from rustgpt_jax.runtime import attention as attention_runtime
+from rustgpt_jax.runtime.auto import attention_call
 
 # Fields that leave the architecture as published: how it executes
 # (config.IMPLEMENTATION_FIELDS), plus dtypes, layer scanning and training settings.
@@ -157,7 +159,8 @@ def architecture_summary(config: ModelConfig) -> str:
 
     Lists the configuration, parameter counts per component (per layer and total), KV
     cache bytes per token with the GQA reduction vs MHA, window/complexity figures at
-    `max_seq_len`, and the published architecture the configuration matches.
+    `max_seq_len`, the published architecture the configuration matches, and which
+    attention implementation runs on this process's backend, and why.
     """
     c = config
     lines = [f'Architecture: {matched_architecture(c)}'
@@ -217,6 +220,10 @@ def architecture_summary(config: ModelConfig) -> str:
               f'{gqa_reduction(c):g}x',
               f'  slots per sequence {_fmt(c.cache_length)} -> '
               f'{_fmt(c.cache_length * per_token)} bytes per sequence']
+
+    full_impl, step_impl = attention_runtime.describe(c.attention_impl, attention_call(c))
+    lines += ['', 'Attention implementation:',
+              f'  full sequences     {full_impl}', f'  decode step        {step_impl}']
 
     n, w = c.max_seq_len, c.static_window
     full = attended_pairs(n, None)

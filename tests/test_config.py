@@ -36,7 +36,7 @@ INVALID = [
     ('param_dtype', dict(param_dtype='float64')),
     ('norm', dict(norm='batch_norm')),
     ('feed_forward', dict(feed_forward='gelu')),
-    ('attention_impl', dict(attention_impl='cudnn')),
+    ('attention_impl', dict(attention_impl='flash3')),
     ('adaattn_ranks', dict(adaattn_ranks=())),
     ('adaattn_ranks', dict(adaattn_ranks=(64,), attention_variant='adaptive_rank')),
     ('adaattn_rank_threshold', dict(adaattn_rank_threshold=1.5)),

@@ -90,3 +90,18 @@ def test_pluggable_formula(monkeypatch):
     register_parameter_formula('hrm', lambda c: {'total': 1234567, 'attention': 7})
     text = architecture_summary(config)
     assert '1,234,567' in text and 'HRM' in text.splitlines()[0]
+
+
+def test_summary_says_which_attention_runs_and_why(monkeypatch):
+    text = architecture_summary(rustgpt_modern())
+    assert ('  full sequences     auto -> blocked (cpu: blocked XLA attention (skips masked '
+            'key blocks))') in text
+    assert '  decode step        auto (cpu: the cached XLA step)' in text
+    assert '  full sequences     pallas (explicit)' in architecture_summary(
+        rustgpt_modern(attention_impl='pallas'))
+    monkeypatch.setattr('jax.default_backend', lambda: 'gpu')
+    text = architecture_summary(rustgpt_modern())  # float32: not cuDNN
+    assert 'auto -> pallas (gpu: Pallas Triton kernel; not cuDNN: dtype float32' in text
+    text = architecture_summary(rustgpt_modern(dtype='bfloat16'))
+    assert 'auto -> cudnn (gpu: cuDNN fused attention' in text
+    assert 'decode step        auto (gpu: Pallas flash-decoding' in text

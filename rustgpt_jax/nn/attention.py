@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ from rustgpt_jax.config import AttentionImpl, AttentionVariant, PrecisionPolicy
 from rustgpt_jax.nn.dense import dense
 from rustgpt_jax.nn.rope import apply_rope
 from rustgpt_jax.runtime.attention import AttentionKernels, attention_kernels
+from rustgpt_jax.runtime.auto import AttentionCall
 from rustgpt_jax.runtime.execution import Execution
 
 
@@ -31,6 +33,9 @@ class Attention(nn.Module):
     Heads come before slots so that each head's keys are one contiguous (C, H) matrix,
     the operand layout of the decode step's score dot: a (B, C, K, H) cache made XLA:CPU
     transpose-copy every layer's keys and values on every token (benchmarks/RESULTS.md).
+
+    `call` holds the static facts of the attention (`runtime.auto.AttentionCall`, from
+    `runtime.auto.attention_call(config)`) from which AttentionImpl.AUTO picks a kernel.
 
     `variant` replaces the kernel by an AdaAttn core (SPEC §4; rustgpt_jax.adaptive),
     in the cached decode path too. With `with_entropy` the layer returns
@@ -56,6 +61,7 @@ class Attention(nn.Module):
     with_entropy: bool = False
     entropy_rows: int = 64
     execution: Execution = Execution()
+    call: AttentionCall = AttentionCall()
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, window):
@@ -90,7 +96,8 @@ class Attention(nn.Module):
             self.variant, num_heads=n, num_kv_heads=kh, head_dim=h, ranks=self.adaattn_ranks,
             threshold=self.adaattn_rank_threshold, policy=self.precision_policy,
             impl=self.impl, param_dtype=self.param_dtype)
-        kernels = attention_kernels(self.impl)
+        kernels = attention_kernels(self.impl,
+                                    dataclasses.replace(self.call, entropy=self.with_entropy))
         entropy = None
         if self.decode:
             out = self._attend_with_cache(q, k, v, positions, segment_ids, window, core,

@@ -11,6 +11,7 @@ from rustgpt_jax.nn.attention import Attention
 from rustgpt_jax.nn.feed_forward import ReluFeedForward, SwiGLU
 from rustgpt_jax.nn.norms import LayerNorm, RMSNorm
 from rustgpt_jax.nn.window import WindowController
+from rustgpt_jax.runtime.auto import attention_call
 from rustgpt_jax.runtime.execution import Execution
 
 
@@ -69,7 +70,7 @@ class Block(nn.Module):
             variant=cfg.attention_variant, adaattn_ranks=cfg.adaattn_ranks,
             adaattn_rank_threshold=cfg.adaattn_rank_threshold,
             precision_policy=cfg.precision_policy, with_entropy=with_entropy,
-            execution=self.execution, name='attention')
+            execution=self.execution, call=attention_call(cfg), name='attention')
 
         def attend(h):
             if not with_entropy:

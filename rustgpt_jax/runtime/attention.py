@@ -1,8 +1,10 @@
 """How attention executes: the one dispatch on `AttentionImpl`.
 
-`attention_kernels(impl)` returns the implementations of one `AttentionImpl` for every
-place attention runs (full sequences, and a decode step over the KV cache); the model's
-layers call what it returns and never branch on the enum themselves.
+`attention_kernels(impl, call)` returns the implementations of one `AttentionImpl` for
+every place attention runs (full sequences, and a decode step over the KV cache); the
+model's layers call what it returns and never branch on the enum themselves. AUTO is
+resolved here too, by `runtime.auto.choose` on the backend and the call's static facts
+(`AttentionCall`), into one of the explicit members.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from jax.sharding import PartitionSpec as P
 from rustgpt_jax import axes, kernels
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl
-from rustgpt_jax.ops import blocked, reference
+from rustgpt_jax.ops import blocked, index_mask, reference
+from rustgpt_jax.runtime import auto
+from rustgpt_jax.runtime.auto import AttentionCall
 from rustgpt_jax.runtime.decode_attention import cached_decode_attention
+
+# What CUDNN asks `jax.nn.dot_product_attention` for; tests set 'xla' (the same mask
+# through XLA), since cuDNN can be neither run nor lowered without a GPU.
+CUDNN_IMPLEMENTATION = 'cudnn'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,16 +51,61 @@ class AttentionKernels:
     dense_probs: bool
 
 
-def attention_kernels(impl: AttentionImpl) -> AttentionKernels:
-    """The implementations of `impl` (the only function that branches on AttentionImpl)."""
+def attention_kernels(impl: AttentionImpl,
+                      call: AttentionCall = AttentionCall()) -> AttentionKernels:
+    """The implementations of `impl` (the only function that branches on AttentionImpl).
+
+    Args:
+      impl: the implementation; AUTO is chosen per backend and call (`runtime.auto`).
+      call: the static facts of the calls (AUTO and CUDNN read them; the shapes and
+        dtypes are filled in from the arrays at trace time).
+    """
     impl = AttentionImpl(impl)
+    if impl == AttentionImpl.AUTO:
+        step = attention_kernels(auto.choose_step().impl, call)
+        # Which kernel runs the full sequences also depends on the arrays (T == S, the
+        # dtype), so it is chosen at trace time; `dense_probs` follows the layer's facts.
+        whole = attention_kernels(auto.choose(call).impl, call)
+        return AttentionKernels(functools.partial(_auto_full, call), step.step,
+                                step.step_before_write, whole.dense_probs)
     if impl == AttentionImpl.REFERENCE:
         return AttentionKernels(reference.mha_reference, cached_decode_attention, True, True)
     if impl == AttentionImpl.BLOCKED:
         return AttentionKernels(blocked.blocked_attention, cached_decode_attention, True, False)
     if impl == AttentionImpl.PALLAS:
         return AttentionKernels(_pallas_full, kernels.flash_decode, False, False)
+    if impl == AttentionImpl.CUDNN:
+        return AttentionKernels(functools.partial(_cudnn_full, call), kernels.flash_decode,
+                                False, False)
     raise ValueError(f'unknown attention implementation {impl!r}')  # pragma: no cover
+
+
+def describe(impl: AttentionImpl, call: AttentionCall = AttentionCall(),
+             backend: Optional[str] = None) -> list[str]:
+    """Which implementation runs `call`'s full sequences and decode steps, and why.
+
+    Args:
+      impl: the configured implementation.
+      call: the static facts (a training call: T == S).
+      backend: default `jax.default_backend()`.
+
+    Returns:
+      Two lines of text: full sequences, decode step.
+    """
+    impl = AttentionImpl(impl)
+    if impl != AttentionImpl.AUTO:
+        return [f'{impl.value} (explicit)', f'{impl.value} (explicit)']
+    full, step = auto.choose(call, backend), auto.choose_step(backend)
+    return [f'auto -> {full.impl.value} ({full.reason})', f'auto ({step.reason})']
+
+
+def _auto_full(call: AttentionCall, q, k, v, *, q_positions, kv_positions,
+               window=masks_lib.NO_WINDOW, q_segment_ids=None, kv_segment_ids=None,
+               scale=None):
+    choice = auto.choose(call.at(q, k, q_segment_ids))
+    return attention_kernels(choice.impl, call).full(
+        q, k, v, q_positions=q_positions, kv_positions=kv_positions, window=window,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
 
 
 def dot_product_attention(q, k, v, *, q_positions, kv_positions,
@@ -90,6 +143,42 @@ def _pallas_full(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO_WIND
     fn = _per_shard(kernels.flash_attention, window, q_segment_ids is not None)
     return fn(q, k, v, q_positions=q_positions, kv_positions=kv_positions, window=window,
               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+
+
+def _cudnn_full(call: AttentionCall, q, k, v, *, q_positions, kv_positions,
+                window=masks_lib.NO_WINDOW, q_segment_ids=None, kv_segment_ids=None,
+                scale=None):
+    """cuDNN's fused attention where it takes the call, the Pallas kernel elsewhere."""
+    kw = dict(q_positions=q_positions, kv_positions=kv_positions, window=window,
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+    if auto.cudnn_refusal(call.at(q, k, q_segment_ids)) is not None:
+        return _pallas_full(q, k, v, **kw)
+    kernel = functools.partial(_cudnn_or_pallas, static_window=call.static_window)
+    return _per_shard(kernel, window, q_segment_ids is not None)(q, k, v, **kw)
+
+
+def _cudnn_or_pallas(q, k, v, *, q_positions, kv_positions, window, q_segment_ids=None,
+                     kv_segment_ids=None, scale=None, static_window: int):
+    """cuDNN on batches whose mask is its causal index band, the Pallas kernel otherwise.
+
+    The static facts only say the call *may* fit; whether the rows are unpadded single
+    sequences is data, so one cheap (B, T) check picks the branch at run time and the
+    result is exact for every input (`ops.index_mask`).
+    """
+    fits = index_mask.fits_index_mask(q_positions, kv_positions, window, q_segment_ids,
+                                      kv_segment_ids, static_window)
+
+    def fused(q, k, v):
+        return index_mask.index_mask_attention(q, k, v, static_window=static_window,
+                                               scale=scale,
+                                               implementation=CUDNN_IMPLEMENTATION)
+
+    def fallback(q, k, v):
+        return kernels.flash_attention(
+            q, k, v, q_positions=q_positions, kv_positions=kv_positions, window=window,
+            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
+
+    return jax.lax.cond(fits, fused, fallback, q, k, v)
 
 
 def _per_shard(kernel, window, has_segments: bool):

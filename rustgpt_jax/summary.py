@@ -221,7 +221,9 @@ def architecture_summary(config: ModelConfig) -> str:
               f'  slots per sequence {_fmt(c.cache_length)} -> '
               f'{_fmt(c.cache_length * per_token)} bytes per sequence']
 
-    full_impl, step_impl = attention_runtime.describe(c.attention_impl, attention_call(c))
+    # Described for the longest sequence the model takes (AUTO's CPU choice depends on T).
+    call = dataclasses.replace(attention_call(c), length=c.max_seq_len)
+    full_impl, step_impl = attention_runtime.describe(c.attention_impl, call)
     lines += ['', 'Attention implementation:',
               f'  full sequences     {full_impl}', f'  decode step        {step_impl}']
 

@@ -30,6 +30,8 @@ CHOICES = [
     ('cpu', AttentionCall(dtype='float32', head_dim=16), BLOCKED),
     ('cpu', AttentionCall(static_window=64, same_length=False), REF),
     ('cpu', AttentionCall(entropy=True), REF),
+    ('cpu', AttentionCall(length=80), REF),  # shorter than one blocked tile (256)
+    ('cpu', AttentionCall(length=256), BLOCKED),
     ('tpu', TRAIN_BF16, PALLAS),
     ('tpu', AttentionCall(same_length=False), PALLAS),
     ('gpu', TRAIN_BF16, CUDNN),
@@ -82,8 +84,8 @@ def arange(b, t):
 
 @cpu_only
 @pytest.mark.parametrize('window, segments, n, k', [(NO_WINDOW, False, 2, 2), (5, True, 4, 1)])
-def test_auto_on_cpu_is_blocked_with_the_reference_values_and_grads(window, segments, n, k):
-    b, t, h = 2, 24, 16
+def test_auto_on_cpu_has_the_reference_values_and_grads(window, segments, n, k):
+    b, t, h = 2, 24, 16  # shorter than one blocked tile: AUTO runs the reference
     call = AttentionCall(static_window=window)
     kern = attention.attention_kernels(AUTO, call)
     assert kern.step is cached_decode_attention and kern.step_before_write
@@ -109,8 +111,22 @@ def test_auto_on_cpu_is_blocked_with_the_reference_values_and_grads(window, segm
     np.testing.assert_allclose(out['auto'][0], out['reference'][0], atol=2e-5, rtol=2e-5)
     for g, rg in zip(out['auto'][1], out['reference'][1]):
         np.testing.assert_allclose(g, rg, atol=2e-5, rtol=2e-4)
-    # The same computation as the explicit blocked path, bit for bit.
-    np.testing.assert_array_equal(out['auto'][0], out['blocked'][0])
+    # Below one tile, the same computation as the reference, bit for bit.
+    np.testing.assert_array_equal(out['auto'][0], out['reference'][0])
+
+
+@cpu_only
+def test_auto_on_cpu_is_the_blocked_loop_from_one_tile_on():
+    b, t, n, k, h = 1, 256, 2, 1, 16
+    q, kk, v = make_inputs(64, b, t, t, n, k, h)
+    pos = arange(b, t)
+    kw = dict(q_positions=pos, kv_positions=pos, window=jnp.int32(64))
+    got = jax.jit(lambda q, kk, v: attention.attention_kernels(AUTO).full(q, kk, v, **kw))(
+        q, kk, v)
+    blocked = jax.jit(lambda q, kk, v: attention.attention_kernels(BLOCKED).full(
+        q, kk, v, **kw))(q, kk, v)
+    np.testing.assert_array_equal(got, blocked)
+    np.testing.assert_allclose(got, mha_reference(q, kk, v, **kw), atol=2e-5, rtol=2e-5)
 
 
 @cpu_only

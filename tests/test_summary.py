@@ -93,9 +93,12 @@ def test_pluggable_formula(monkeypatch):
 
 
 def test_summary_says_which_attention_runs_and_why(monkeypatch):
-    text = architecture_summary(rustgpt_modern())
+    text = architecture_summary(rustgpt_modern())  # max_seq_len 80: below one tile
+    assert ('  full sequences     auto -> reference (cpu: dense reference for sequences '
+            'shorter than one blocked tile (256 tokens)') in text
+    text = architecture_summary(rustgpt_modern(max_seq_len=4096))
     assert ('  full sequences     auto -> blocked (cpu: blocked XLA attention (skips masked '
-            'key blocks))') in text
+            'key blocks); the dense reference for sequences shorter than 256 tokens)') in text
     assert '  decode step        auto (cpu: the cached XLA step)' in text
     assert '  full sequences     pallas (explicit)' in architecture_summary(
         rustgpt_modern(attention_impl='pallas'))

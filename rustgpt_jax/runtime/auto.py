@@ -11,9 +11,10 @@ time). It returns a concrete `AttentionImpl` and the reason, which
            else the Pallas Triton kernel (float32, traced
            windows, chunks against a cache)
   tpu      the Pallas Mosaic kernel                           the cached XLA step
-  cpu      BLOCKED (REFERENCE for a chunk against a cache,    the cached XLA step
-           which the blocked loop cannot take, and where the  (`runtime.decode_attention`)
-           entropy window reads dense probabilities)
+  cpu      BLOCKED (REFERENCE below one tile, 256 tokens;     the cached XLA step
+           for a chunk against a cache, which the blocked     (`runtime.decode_attention`)
+           loop cannot take; and where the entropy window
+           reads dense probabilities)
 
 CUDNN itself still checks the data: rows that are padded or packed, or a window that is
 not the static one, run the Pallas kernel (`ops.index_mask`), so AUTO is exact for every
@@ -31,11 +32,18 @@ import jax.numpy as jnp
 
 from rustgpt_jax import masks as masks_lib
 from rustgpt_jax.config import AttentionImpl, ModelConfig, WindowStrategy
+from rustgpt_jax.ops.tiling import BlockSizes
 
 # cuDNN's fused attention (jax._src.cudnn.fused_attention_stablehlo.check_layout and
 # check_is_flash_attention): bf16/f16 inputs, head_dim a multiple of 8, at most 128
 # before Hopper (256 from Hopper on; 128 is the bound that holds on every GPU).
 CUDNN_DTYPES = ('bfloat16', 'float16')
+
+# On CPU a sequence shorter than one tile of the blocked loop runs the dense reference:
+# there the loop pads to a whole tile and skips nothing (forward + backward, 8 heads of
+# 64: 3.2x slower than the reference at T = 128, 0.80x at 256, 0.19x at 1024;
+# benchmarks/RESULTS.md, "AUTO on CPU").
+DENSE_BELOW = BlockSizes.for_xla().block_q
 CUDNN_MAX_HEAD_DIM = 128
 
 
@@ -52,6 +60,7 @@ class AttentionCall:
         False for a chunk of queries against a KV cache.
       segments: segment ids are passed.
       entropy: the layer reports its attention entropy (the ATTENTION_ENTROPY window).
+      length: T, the query length; None until known.
     """
     static_window: Optional[int] = None
     dtype: Optional[str] = None
@@ -59,12 +68,14 @@ class AttentionCall:
     same_length: bool = True
     segments: bool = False
     entropy: bool = False
+    length: Optional[int] = None
 
     def at(self, q, k, q_segment_ids=None) -> 'AttentionCall':
         """This call with the facts of q (B, T, N, H), k (B, S, K, H) filled in."""
         return dataclasses.replace(
             self, dtype=jnp.dtype(q.dtype).name, head_dim=int(q.shape[-1]),
-            same_length=q.shape[1] == k.shape[1], segments=q_segment_ids is not None)
+            same_length=q.shape[1] == k.shape[1], segments=q_segment_ids is not None,
+            length=int(q.shape[1]))
 
 
 def attention_call(config: ModelConfig) -> AttentionCall:
@@ -127,8 +138,13 @@ def choose(call: AttentionCall, backend: Optional[str] = None) -> Choice:
         return Choice(AttentionImpl.REFERENCE,
                       f'{backend}: dense reference; the entropy window reads the exact '
                       'entropy from its probabilities')
+    if call.length is not None and call.length < DENSE_BELOW:
+        return Choice(AttentionImpl.REFERENCE,
+                      f'{backend}: dense reference for sequences shorter than one blocked tile '
+                      f'({DENSE_BELOW} tokens), where the loop only adds padding and overhead')
     return Choice(AttentionImpl.BLOCKED,
-                  f'{backend}: blocked XLA attention (skips masked key blocks)')
+                  f'{backend}: blocked XLA attention (skips masked key blocks); the dense '
+                  f'reference for sequences shorter than {DENSE_BELOW} tokens')
 
 
 def choose_step(backend: Optional[str] = None) -> Choice:

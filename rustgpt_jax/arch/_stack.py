@@ -28,6 +28,45 @@ REMAT_POLICIES = {
 }
 
 
+class LanguageModel(nn.Module):
+    """What every architecture is: logits = head(hidden_states(tokens)).
+
+    Subclasses assign `self.embedder` (`make_embedder`) in `setup` and define
+    `hidden_states`; `build_model` constructs them as `cls(config, execution)`.
+
+    Attributes:
+      config: the model (its math).
+      execution: how its products run (`runtime.Execution`; the default is the standard
+        parameter layout with XLA's products).
+    """
+    config: ModelConfig
+    execution: Execution = Execution()
+
+    def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+                 decode: bool = False):
+        """Next-token logits.
+
+        Args:
+          tokens: (B, T) int32 token ids.
+          positions: (B, T) int32; default 0..T-1. Negative marks left padding.
+          segment_ids: (B, T) int32 for packed sequences (each token sees only its own
+            segment), or None.
+          deterministic: disables dropout when True.
+          decode: use and update the `cache` collection (prefill or one-token steps; the
+            architecture's module docstring says what it holds).
+
+        Returns:
+          (B, T, V) float32 logits.
+        """
+        x = self.hidden_states(tokens, positions, segment_ids, deterministic, decode)
+        return self.embedder.decode(x)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None,
+                      deterministic: bool = True, decode: bool = False):
+        """Final hidden states (B, T, D) before the output head."""
+        raise NotImplementedError
+
+
 def remat_block(block_cls, config: ModelConfig):
     """`block_cls` wrapped in `nn.remat` per `config.remat_policy` (unchanged for NONE)."""
     if config.remat_policy == RematPolicy.NONE:

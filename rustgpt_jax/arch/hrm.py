@@ -40,7 +40,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rustgpt_jax import axes
-from rustgpt_jax.arch._stack import SCANNED_COLLECTIONS, LayerStack, make_embedder, prepare_inputs
+from rustgpt_jax.arch._stack import (
+    SCANNED_COLLECTIONS,
+    LanguageModel,
+    LayerStack,
+    make_embedder,
+    prepare_inputs,
+)
 from rustgpt_jax.config import ModelConfig, NormPlacement
 from rustgpt_jax.nn.block import Block, make_norm
 from rustgpt_jax.param_counts import parameter_counts_hrm
@@ -102,10 +108,8 @@ class _Cycle(nn.Module):
         return (z_low, z_high), None
 
 
-class HRMLM(nn.Module):
+class HRMLM(LanguageModel):
     """Embedder, the HRM L/H iteration, final norm (pre-norm only), head."""
-    config: ModelConfig
-    execution: Execution = Execution()
 
     def setup(self):
         cfg = self.config
@@ -117,23 +121,6 @@ class HRMLM(nn.Module):
             nn.initializers.truncated_normal(1.0), (axes.EMBED,))
         self.z_low_init = self.param('z_low_init', init, (cfg.embed_dim,), cfg.params_dtype)
         self.z_high_init = self.param('z_high_init', init, (cfg.embed_dim,), cfg.params_dtype)
-
-    def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-                 decode: bool = False):
-        """Next-token logits.
-
-        Args:
-          tokens: (B, T) int32 token ids.
-          positions: (B, T) int32; default 0..T-1. Negative marks left padding.
-          segment_ids: (B, T) int32 for packed sequences, or None.
-          deterministic: disables dropout when True.
-          decode: use and update the per-iteration KV caches (module docstring).
-
-        Returns:
-          (B, T, V) float32 logits.
-        """
-        x = self.hidden_states(tokens, positions, segment_ids, deterministic, decode)
-        return self.embedder.decode(x)
 
     @nn.compact
     def hidden_states(self, tokens, positions=None, segment_ids=None,

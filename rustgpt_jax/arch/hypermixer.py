@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from rustgpt_jax import axes
-from rustgpt_jax.arch._stack import LayerStack, make_embedder, prepare_inputs
+from rustgpt_jax.arch._stack import LanguageModel, LayerStack, make_embedder, prepare_inputs
 from rustgpt_jax.config import ModelConfig, NormPlacement
 from rustgpt_jax.nn.block import make_feed_forward, make_norm
 from rustgpt_jax.nn.dense import dense
@@ -210,33 +210,13 @@ class HyperMixerBlock(nn.Module):
         return x, None
 
 
-class HyperMixerLM(nn.Module):
+class HyperMixerLM(LanguageModel):
     """Embedder, `num_layers` HyperMixer blocks, final norm (pre-norm only), head."""
-    config: ModelConfig
-    execution: Execution = Execution()
 
     def setup(self):
         self.embedder = make_embedder(self.config, self.execution)
         if self.config.norm_placement == NormPlacement.PRE:
             self.final_norm = make_norm(self.config, 'final_norm')
-
-    def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
-                 decode: bool = False):
-        """Next-token logits.
-
-        Args:
-          tokens: (B, T) int32 token ids.
-          positions: (B, T) int32; default 0..T-1. Negative marks left padding.
-          segment_ids: (B, T) int32 for packed sequences (mixing restarts at each
-            segment), or None. Refused with decode=True.
-          deterministic: disables dropout when True.
-          decode: continue the running-sum cache (module docstring has the contract).
-
-        Returns:
-          (B, T, V) float32 logits.
-        """
-        x = self.hidden_states(tokens, positions, segment_ids, deterministic, decode)
-        return self.embedder.decode(x)
 
     @nn.compact
     def hidden_states(self, tokens, positions=None, segment_ids=None,

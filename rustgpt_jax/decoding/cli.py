@@ -3,13 +3,18 @@
 Prompt rules (never a crash; every adjustment is reported on stderr):
   * characters the tokenizer cannot encode: a tokenizer with an `<unk>` id maps them to
     it (reported with a count); one that refuses them raises, and the CLI prints the
-    tokenizer's message and exits with status 2 (the chat asks again);
+    tokenizer's message as `prog: error: ...` and exits with status 2 (the chat asks
+    again);
   * an empty prompt starts from BOS, else from EOS (the document separator the model
     saw in training), else it is an error;
   * too long for a model with a fixed context (full causal or learned positions,
     `cache.context_limit`): max_new_tokens is capped at context - 1 and the prompt is
     cut from the left to the newest context - max_new_tokens tokens. A sliding-window
     RoPE model has no limit (its cache is a ring buffer).
+
+Bad flags, a missing or foreign checkpoint and a malformed GGUF file are one line on
+stderr, `prog: error: <message>`, and exit status 2 (`--traceback` shows the stack);
+flags are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Optional, Sequence, TextIO
 
 import jax
 
+from rustgpt_jax import cli_errors
+from rustgpt_jax.data.errors import DataError
 from rustgpt_jax.data.instructions import format_prompt
 from rustgpt_jax.decoding.beam import BeamConfig, beam_search
 from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
@@ -80,7 +87,7 @@ class Session:
         if not ids:
             start = tok.bos_id if tok.bos_id is not None else tok.eos_id
             if start is None:
-                raise ValueError('the prompt is empty and the tokenizer has no BOS or EOS '
+                raise DataError('the prompt is empty and the tokenizer has no BOS or EOS '
                                  'token to start from')
             ids = [int(start)]
         if self.limit is not None:
@@ -130,9 +137,9 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--checkpoint', help='run or checkpoints/ directory')
     source.add_argument('--gguf', help='a llama-architecture GGUF file (e.g. TinyLlama)')
     parser.add_argument('--which', choices=('best', 'latest'), default='best')
-    parser.add_argument('--context', type=int, default=None,
+    parser.add_argument('--context', type=cli_errors.positive_int, default=None,
                         help='--gguf: context length / KV-cache size (default: the file\'s)')
-    parser.add_argument('--max_new_tokens', type=int, default=200)
+    parser.add_argument('--max_new_tokens', type=cli_errors.positive_int, default=200)
     parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
     parser.add_argument('--top_k', type=int, default=0, help='0 = off')
     parser.add_argument('--top_p', type=float, default=1.0, help='1 = off')
@@ -143,6 +150,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
                         help='hold a CPU idle wake-up latency request while running '
                              '(Linux PM QoS, needs root; 0 = idle CPUs poll): faster '
                              'CPU decoding on VMs, more idle power. See decoding.wakeup')
+    cli_errors.add_traceback_flag(parser)
 
 
 def _wakeup(args, err: TextIO) -> contextlib.ExitStack:
@@ -175,26 +183,28 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     parser.add_argument('--fixed_width', action='store_true', help='no width adaptation')
     parser.add_argument('--alpha', type=float, default=1.0, help='length normalisation')
     args = parser.parse_args(argv)
-    try:
-        with _wakeup(args, err):
+
+    def body() -> int:
+        with cli_errors.config_errors():  # every flag checked before the model loads
+            sampling = _sampling(args)
+            beam = BeamConfig(width=args.beam_width, min_width=args.min_width,
+                              max_width=args.max_width, alpha=args.alpha,
+                              adaptive=not args.fixed_width) if args.beam else None
+            wakeup = _wakeup(args, err)
+        with wakeup:
             session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
-            if args.beam:
-                config = BeamConfig(width=args.beam_width, min_width=args.min_width,
-                                    max_width=args.max_width, alpha=args.alpha,
-                                    adaptive=not args.fixed_width)
+            if beam is not None:
                 text, widths = session.beam_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                                 config=config, stop=args.stop)
+                                                 config=beam, stop=args.stop)
                 out.write(text + '\n')
                 print(f'[beam widths] {widths}', file=err)
             else:
                 session.stream_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                    sampling=_sampling(args), seed=args.seed, stop=args.stop,
-                                    out=out)
+                                    sampling=sampling, seed=args.seed, stop=args.stop, out=out)
                 out.write('\n')
-    except ValueError as e:  # bad flags, prompt or checkpoint: a message, not a traceback
-        print(f'error: {e}', file=err)
-        return 2
-    return 0
+        return 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback, err=err)
 
 
 def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
@@ -207,29 +217,35 @@ def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
                         help="chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); "
                              'plain: continue the text as typed')
     args = parser.parse_args(argv)
-    try:
-        session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
-        sampling = _sampling(args)
-        wakeup = _wakeup(args, err)
-    except ValueError as e:
-        print(f'error: {e}', file=err)
-        return 2
+
+    def body() -> int:
+        with cli_errors.config_errors():
+            sampling = _sampling(args)
+            wakeup = _wakeup(args, err)
+        with wakeup:
+            session = Session(*_load(args), err=err, add_bos=bool(args.gguf))
+            _chat_loop(session, args, sampling, stdin, out, err)
+        return 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback, err=err)
+
+
+def _chat_loop(session: Session, args, sampling: SamplingConfig, stdin: TextIO,
+               out: TextIO, err: TextIO) -> None:
     stop = list(args.stop) + (list(CHAT_STOP) if args.template == 'chat' else [])
-    with wakeup:
-        out.write("Type a message; 'exit' quits.\n")
-        for turn in range(1 << 30):
-            out.write('User: ')
-            out.flush()
-            line = stdin.readline()
-            if not line or line.strip() in ('exit', 'quit'):
-                break
-            text = line.rstrip('\n')
-            prompt = format_prompt(text) if args.template == 'chat' else text
-            out.write('Assistant: ')
-            try:
-                session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                    seed=args.seed + turn, stop=stop, out=out)
-            except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
-                print(f'error: {e}', file=err)
-            out.write('\n')
-    return 0
+    out.write("Type a message; 'exit' quits.\n")
+    for turn in range(1 << 30):
+        out.write('User: ')
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ('exit', 'quit'):
+            break
+        text = line.rstrip('\n')
+        prompt = format_prompt(text) if args.template == 'chat' else text
+        out.write('Assistant: ')
+        try:
+            session.stream_text(prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                seed=args.seed + turn, stop=stop, out=out)
+        except DataError as e:  # e.g. a character the tokenizer refuses: ask again
+            print(f'rustgpt-chat: error: {cli_errors.one_line(e)}', file=err)
+        out.write('\n')

@@ -32,7 +32,7 @@ from rustgpt_jax.training.run_config import ConfigError
 EXIT_USER_ERROR = 2  # argparse's status for a usage error
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """An error the user can fix; its message names the field, file or flag."""
 
 
@@ -83,6 +83,14 @@ def config_errors() -> Iterator[None]:
         raise
     except CONFIG_ERRORS as e:
         raise UserError(one_line(e)) from e
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line too (argparse prints the usage text
+    first; `--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f'{self.prog}: error: {message} (see --help)\n')
 
 
 def positive_int(text: str) -> int:

@@ -11,11 +11,11 @@ fails before anything is written to the run directory. Either is one line on std
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import sys
+import tokenize
 from typing import Optional, Sequence
 
 import gin
@@ -94,11 +94,34 @@ def load_run_config(gin_files: Sequence[str], gin_params: Sequence[str] = ()) ->
             gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
     except IOError as e:
         raise ValueError(f'gin config file not found: {e}') from None
+    except (SyntaxError, tokenize.TokenError) as e:
+        binding = _unparsable_binding(gin_params)
+        if binding is None:
+            raise
+        reason = e.msg if isinstance(e, SyntaxError) else e.args[0]
+        raise ValueError(f'gin cannot parse the binding {binding!r}: {reason}') from e
     return run_config()
 
 
+def _unparsable_binding(gin_params: Sequence[str]) -> Optional[str]:
+    """The first binding gin cannot parse on its own, or None. gin parses all bindings
+    as one text, and its SyntaxError says neither which binding nor, often, the line."""
+    try:
+        for binding in gin_params:
+            gin.clear_config()
+            try:
+                gin.parse_config(binding, skip_unknown=True)
+            except (SyntaxError, tokenize.TokenError):
+                return binding
+            except Exception:  # noqa: BLE001 - parsed; any other error is not a syntax one
+                pass
+        return None
+    finally:
+        gin.clear_config()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='rustgpt-train', description=__doc__.splitlines()[0])
+    parser = cli_errors.ArgumentParser(prog='rustgpt-train', description=__doc__.splitlines()[0])
     parser.add_argument('--gin_file', action='append', default=[], required=True,
                         help='gin config file (repeatable; later files override)')
     parser.add_argument('--gin_param', action='append', default=[],

@@ -172,7 +172,7 @@ def _sampling(args) -> SamplingConfig:
 def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
                   err: TextIO = sys.stderr) -> int:
     """`rustgpt-generate`: continue a prompt (streamed), or beam search with --beam."""
-    parser = argparse.ArgumentParser(prog='rustgpt-generate', description=__doc__,
+    parser = cli_errors.ArgumentParser(prog='rustgpt-generate', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_args(parser)
     parser.add_argument('--prompt', required=True)
@@ -210,7 +210,7 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
 def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """`rustgpt-chat`: a REPL; each line is answered (streamed); `exit` or EOF quits."""
-    parser = argparse.ArgumentParser(prog='rustgpt-chat', description=__doc__,
+    parser = cli_errors.ArgumentParser(prog='rustgpt-chat', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_args(parser)
     parser.add_argument('--template', choices=('chat', 'plain'), default='chat',

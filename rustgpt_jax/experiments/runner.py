@@ -13,7 +13,6 @@ user error is one line, `rustgpt-experiment: error: <message>`, exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -277,7 +276,8 @@ def run_experiment(path: str, seeds: Optional[Sequence[int]] = None,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='rustgpt-experiment', description=__doc__.splitlines()[0])
+    parser = cli_errors.ArgumentParser(prog='rustgpt-experiment',
+                                       description=__doc__.splitlines()[0])
     parser.add_argument('experiment_file', help='gin experiment file (includes + experiment.*)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='seeds (default: experiment.seeds)')

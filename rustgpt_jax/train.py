@@ -84,7 +84,8 @@ def load_run_config(gin_files: Sequence[str], gin_params: Sequence[str] = ()) ->
     Raises:
       ValueError: a misspelt or unknown binding, a missing file, or a bad value (gin's
         message names it).
-      SyntaxError: a binding gin cannot parse; RuntimeError: a missing required value.
+      SyntaxError: a gin file that does not parse (an unparsable binding is a
+        ValueError naming it); RuntimeError: a missing required value.
     """
     gin.clear_config()
     for path in (REPO_ROOT, os.getcwd()):
@@ -143,7 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sharding.initialize_distributed(args.coordinator_address, args.num_processes,
                                             args.process_id)
             run = load_run_config(args.gin_file, args.gin_param)
-            prepared = loop.prepare(run, resume=args.resume)
+        # Raises DataError / CheckpointError / ConfigError (user errors by type); anything
+        # else from here on is a bug and keeps its traceback.
+        prepared = loop.prepare(run, resume=args.resume)
         result = loop.train(run, resume=args.resume, gin_config=gin.config_str(),
                             prepared=prepared)
         if result.validation is not None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from rustgpt_jax import data as data_lib
 from rustgpt_jax.sharding.mesh import resolve_shape
-from rustgpt_jax.sharding.training import ShardingPlan, make_plan
+from rustgpt_jax.sharding.training import ShardingPlan, make_plan, rules_batch_axis
 from rustgpt_jax.training import adaptive_glue, data_setup, optim, steps
 from rustgpt_jax.training import metrics as metrics_lib
 from rustgpt_jax.training.checkpoint import (
@@ -97,14 +97,29 @@ def prepare(run: RunConfig, resume: bool = False) -> Prepared:
                   for p in run.phases]
     plan = None
     if run.mesh is not None:
-        try:
-            resolve_shape(run.mesh.shape, jax.device_count())
-        except ValueError as e:
-            raise ConfigError(f'RunConfig.mesh: {e}') from None
+        _check_mesh_fits(run)
         first = run.phases[0]
         plan = make_plan(run.mesh, run.model, optim.make_optimizer(first.optimizer),
                          first.batch_size, first.seq_len)
     return Prepared(tokenizer=tokenizer, phase_data=phase_data, plan=plan)
+
+
+def _check_mesh_fits(run: RunConfig) -> None:
+    """The mesh against the devices and every phase's batch size (`make_plan` checks only
+    the first phase, and only after tracing the model)."""
+    try:
+        shape = resolve_shape(run.mesh.shape, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(f'RunConfig.mesh: {e}') from None
+    data_axis = rules_batch_axis(run.mesh.rules)
+    if data_axis not in tuple(run.mesh.axis_names):
+        return
+    size = shape[tuple(run.mesh.axis_names).index(data_axis)]
+    for phase in run.phases:
+        if phase.batch_size % size:
+            raise ConfigError(f'phase {phase.name!r}: PhaseConfig.batch_size '
+                              f'{phase.batch_size} is not divisible by the {data_axis!r} mesh '
+                              f'axis ({size} devices)')
 
 
 def _finished_steps(ckpt_dir: str) -> list[int]:

@@ -17,10 +17,12 @@ import gin
 import jax
 import numpy as np
 
+from rustgpt_jax import cli_errors
 from rustgpt_jax.decoding import SamplingConfig, context_limit, generate
 from rustgpt_jax.models import build_model
 from rustgpt_jax.train import load_run_config
 from rustgpt_jax.training import load_for_inference, train
+from rustgpt_jax.training.loop import prepare
 
 DEMO_CONFIG = 'configs/demo.gin'
 PROMPT = 'ROMEO:\n'
@@ -58,13 +60,20 @@ def sample(run_dir: str, prompt: str = PROMPT, max_new_tokens: int = 300,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the demo; a bad binding is one line, `rustgpt-demo: error: ...`, status 2."""
     bindings = list(sys.argv[1:] if argv is None else argv)
+    return cli_errors.run('rustgpt-demo', lambda: _demo(bindings))
+
+
+def _demo(bindings: Sequence[str]) -> int:
     run_dir = os.path.join('runs', time.strftime('demo-%Y%m%d-%H%M%S'))
-    run = load_run_config([DEMO_CONFIG], [f"run_config.run_dir = '{run_dir}'"] + bindings)
+    with cli_errors.config_errors():
+        run = load_run_config([DEMO_CONFIG], [f"run_config.run_dir = '{run_dir}'"] + bindings)
+    prepared = prepare(run)  # its errors are user errors by type
     print(f'rustgpt_jax demo: {DEMO_CONFIG} -> {run.run_dir} '
           f'(at most {run.total_steps} steps or {run.time_budget_s} s)')
     t0 = time.perf_counter()
-    result = train(run, gin_config=gin.config_str())
+    result = train(run, gin_config=gin.config_str(), prepared=prepared)
     minutes = (time.perf_counter() - t0) / 60
     val = result.validation
     print(f'\ntrained {result.step} steps in {minutes:.1f} min; validation loss '

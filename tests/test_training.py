@@ -204,8 +204,14 @@ def test_cli_trains_and_resumes(tmp_path, capsys):
     argv = ['--gin_file', 'configs/demo.gin'] + sum((['--gin_param', p] for p in params), [])
     assert train_cli.main(argv) == 0
     assert 'validation loss' in capsys.readouterr().out
+    # A second run into the same directory is a user error: one line, status 2; the
+    # --traceback flag raises it as before.
+    assert train_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('rustgpt-train: error: ') and '--resume' in err
+    assert err.count('\n') == 1
     with pytest.raises(ValueError, match='--resume'):
-        train_cli.main(argv)
+        train_cli.main(argv + ['--traceback'])
     more = argv + ['--gin_param', 'pretrain/PhaseConfig.steps = 4', '--resume']
     assert train_cli.main(more) == 0
     assert 'resuming' in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Prompt rules (never a crash; every adjustment is reported on stderr):
   * characters the tokenizer cannot encode: a tokenizer with an `<unk>` id maps them to
     it (reported with a count); one that refuses them raises, and the CLI prints the
-    tokenizer's message and exits with status 2 (the chat asks again);
+    tokenizer's message as `prog: error: ...` and exits with status 2 (the chat asks
+    again);
   * an empty prompt starts from BOS, else from EOS (the document separator the model
     saw in training), else it is an error;
   * a model with its own chat template (a GGUF file's `tokenizer.chat_template`, an HF
@@ -16,6 +17,10 @@ Prompt rules (never a crash; every adjustment is reported on stderr):
     `cache.context_limit`): max_new_tokens is capped at context - 1 and the prompt is
     cut from the left to the newest context - max_new_tokens tokens. A sliding-window
     RoPE model has no limit (its cache is a ring buffer).
+
+Bad flags, a missing or foreign checkpoint and a malformed GGUF file are one line on
+stderr, `prog: error: <message>`, and exit status 2 (`--traceback` shows the stack);
+flags are checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Optional, Sequence, TextIO
 
 import jax
 
+from rustgpt_jax import cli_errors
+from rustgpt_jax.data.errors import DataError
 from rustgpt_jax.data.instructions import format_prompt
 from rustgpt_jax.decoding.beam import BeamConfig, beam_search
 from rustgpt_jax.decoding.cache import context_limit, prepare_for_decode
@@ -102,7 +109,7 @@ class Session:
         if not ids:
             start = tok.bos_id if tok.bos_id is not None else tok.eos_id
             if start is None:
-                raise ValueError('the prompt is empty and the tokenizer has no BOS or EOS '
+                raise DataError('the prompt is empty and the tokenizer has no BOS or EOS '
                                  'token to start from')
             ids = [int(start)]
         if self.limit is not None:
@@ -158,10 +165,10 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--gguf', help='a llama-architecture GGUF file (e.g. TinyLlama)')
     source.add_argument('--hf', help='a Hugging Face Llama/Mistral model directory')
     parser.add_argument('--which', choices=('best', 'latest'), default='best')
-    parser.add_argument('--context', type=int, default=None,
+    parser.add_argument('--context', type=cli_errors.positive_int, default=None,
                         help='--gguf / --hf: context length / KV-cache size (default: the '
                              "model's)")
-    parser.add_argument('--max_new_tokens', type=int, default=200)
+    parser.add_argument('--max_new_tokens', type=cli_errors.positive_int, default=200)
     parser.add_argument('--temperature', type=float, default=0.8, help='0 = greedy')
     parser.add_argument('--top_k', type=int, default=0, help='0 = off')
     parser.add_argument('--top_p', type=float, default=1.0, help='1 = off')
@@ -172,6 +179,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
                         help='hold a CPU idle wake-up latency request while running '
                              '(Linux PM QoS, needs root; 0 = idle CPUs poll): faster '
                              'CPU decoding on VMs, more idle power. See decoding.wakeup')
+    cli_errors.add_traceback_flag(parser)
 
 
 def _wakeup(args, err: TextIO) -> contextlib.ExitStack:
@@ -193,7 +201,7 @@ def _sampling(args) -> SamplingConfig:
 def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout,
                   err: TextIO = sys.stderr) -> int:
     """`rustgpt-generate`: continue a prompt (streamed), or beam search with --beam."""
-    parser = argparse.ArgumentParser(prog='rustgpt-generate', description=__doc__,
+    parser = cli_errors.ArgumentParser(prog='rustgpt-generate', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_args(parser)
     parser.add_argument('--prompt', required=True)
@@ -204,26 +212,56 @@ def generate_main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout
     parser.add_argument('--fixed_width', action='store_true', help='no width adaptation')
     parser.add_argument('--alpha', type=float, default=1.0, help='length normalisation')
     args = parser.parse_args(argv)
-    try:
-        with _wakeup(args, err):
+
+    def body() -> int:
+        with cli_errors.config_errors():  # every flag checked before the model loads
+            sampling = _sampling(args)
+            beam = BeamConfig(width=args.beam_width, min_width=args.min_width,
+                              max_width=args.max_width, alpha=args.alpha,
+                              adaptive=not args.fixed_width) if args.beam else None
+            wakeup = _wakeup(args, err)
+        with wakeup:
             session = _session(args, err)
-            if args.beam:
-                config = BeamConfig(width=args.beam_width, min_width=args.min_width,
-                                    max_width=args.max_width, alpha=args.alpha,
-                                    adaptive=not args.fixed_width)
+            if beam is not None:
                 text, widths = session.beam_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                                 config=config, stop=args.stop)
+                                                 config=beam, stop=args.stop)
                 out.write(text + '\n')
                 print(f'[beam widths] {widths}', file=err)
             else:
                 session.stream_text(args.prompt, max_new_tokens=args.max_new_tokens,
-                                    sampling=_sampling(args), seed=args.seed, stop=args.stop,
-                                    out=out)
+                                    sampling=sampling, seed=args.seed, stop=args.stop, out=out)
                 out.write('\n')
-    except ValueError as e:  # bad flags, prompt or checkpoint: a message, not a traceback
-        print(f'error: {e}', file=err)
-        return 2
-    return 0
+        return 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback, err=err)
+
+
+def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """`rustgpt-chat`: a REPL; each line is answered (streamed); `exit` or EOF quits."""
+    parser = cli_errors.ArgumentParser(prog='rustgpt-chat', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common_args(parser)
+    parser.add_argument('--template', choices=('auto', 'model', 'chat', 'plain'), default='auto',
+                        help="model: the model's own chat template over the whole conversation; "
+                             "chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); plain: "
+                             'continue the text as typed; auto: model when it has one, else chat')
+    parser.add_argument('--system', default=None,
+                        help='a system message (for a chat template with a system role)')
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        with cli_errors.config_errors():
+            sampling = _sampling(args)
+            wakeup = _wakeup(args, err)
+        with wakeup:
+            session = _session(args, err)
+            with cli_errors.config_errors():  # --template / --system against the model
+                chat = _chat_format(args, session.tokenizer)
+            _chat_loop(session, chat, args, sampling, stdin, out, err)
+        return 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback, err=err)
 
 
 def _chat_format(args, tokenizer) -> Optional[ChatFormat]:
@@ -242,27 +280,8 @@ def _chat_format(args, tokenizer) -> Optional[ChatFormat]:
     return chat
 
 
-def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """`rustgpt-chat`: a REPL; each line is answered (streamed); `exit` or EOF quits."""
-    parser = argparse.ArgumentParser(prog='rustgpt-chat', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common_args(parser)
-    parser.add_argument('--template', choices=('auto', 'model', 'chat', 'plain'), default='auto',
-                        help="model: the model's own chat template over the whole conversation; "
-                             "chat: 'User: ...\\nAssistant: ' (instruction-tuned runs); plain: "
-                             'continue the text as typed; auto: model when it has one, else chat')
-    parser.add_argument('--system', default=None,
-                        help='a system message (for a chat template with a system role)')
-    args = parser.parse_args(argv)
-    try:
-        session = _session(args, err)
-        chat = _chat_format(args, session.tokenizer)
-        sampling = _sampling(args)
-        wakeup = _wakeup(args, err)
-    except ValueError as e:
-        print(f'error: {e}', file=err)
-        return 2
+def _chat_loop(session: Session, chat: Optional[ChatFormat], args, sampling: SamplingConfig,
+               stdin: TextIO, out: TextIO, err: TextIO) -> None:
     own_format = chat is None and args.template != 'plain'
     stop = list(args.stop) + (list(CHAT_STOP) if own_format else [])
     messages, stop_ids = [], ()
@@ -270,29 +289,27 @@ def chat_main(argv: Optional[Sequence[str]] = None, stdin: TextIO = sys.stdin,
         messages = [{'role': 'system', 'content': args.system}] if args.system else []
         eot = end_of_turn_id(chat, session.tokenizer)
         stop_ids = tuple(i for i in (eot, session.tokenizer.eos_id) if i is not None)
-    with wakeup:
-        out.write("Type a message; 'exit' quits.\n")
-        for turn in range(1 << 30):
-            out.write('User: ')
-            out.flush()
-            line = stdin.readline()
-            if not line or line.strip() in ('exit', 'quit'):
-                break
-            text = line.rstrip('\n')
-            out.write('Assistant: ')
-            try:
-                if chat is not None:  # the whole conversation, rendered by the model's template
-                    prompt = chat.render(messages + [{'role': 'user', 'content': text}])
-                else:
-                    prompt = format_prompt(text) if own_format else text
-                answer = session.stream_text(
-                    prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                    seed=args.seed + turn, stop=stop, out=out, special=chat is not None,
-                    stop_ids=stop_ids)
-                if chat is not None:
-                    messages += [{'role': 'user', 'content': text},
-                                 {'role': 'assistant', 'content': answer}]
-            except ValueError as e:  # e.g. a character the tokenizer refuses: ask again
-                print(f'error: {e}', file=err)
-            out.write('\n')
-    return 0
+    out.write("Type a message; 'exit' quits.\n")
+    for turn in range(1 << 30):
+        out.write('User: ')
+        out.flush()
+        line = stdin.readline()
+        if not line or line.strip() in ('exit', 'quit'):
+            break
+        text = line.rstrip('\n')
+        out.write('Assistant: ')
+        try:
+            if chat is not None:  # the whole conversation, rendered by the model's template
+                prompt = chat.render(messages + [{'role': 'user', 'content': text}])
+            else:
+                prompt = format_prompt(text) if own_format else text
+            answer = session.stream_text(
+                prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                seed=args.seed + turn, stop=stop, out=out, special=chat is not None,
+                stop_ids=stop_ids)
+            if chat is not None:
+                messages += [{'role': 'user', 'content': text},
+                             {'role': 'assistant', 'content': answer}]
+        except DataError as e:  # e.g. a character the tokenizer refuses: ask again
+            print(f'rustgpt-chat: error: {cli_errors.one_line(e)}', file=err)
+        out.write('\n')

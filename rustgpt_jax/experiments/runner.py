@@ -5,11 +5,14 @@ bindings of `experiment`: a name and named variants, each a list of gin bindings
 over the includes. The runner trains every variant x seed, appends one row per run to
 the results CSV, then rewrites the aggregate markdown table (mean +- std over seeds) and
 the plots of that experiment next to it.
+
+Every run's configuration is loaded and checked (`loop.prepare`) before the first run
+trains, so a bad variant fails in seconds rather than after the variants before it; a
+user error is one line, `rustgpt-experiment: error: <message>`, exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -21,10 +24,12 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
+from rustgpt_jax import cli_errors
 from rustgpt_jax import train as train_cli
 from rustgpt_jax.experiments import plots
 from rustgpt_jax.experiments.plots import read_metrics
 from rustgpt_jax.training import loop
+from rustgpt_jax.training.run_config import RunConfig
 from rustgpt_jax.training.state import count_params
 
 RESULTS_COLUMNS = ('experiment', 'variant', 'seed', 'best_val_loss', 'final_val_loss',
@@ -177,21 +182,28 @@ def write_summary(results_csv: str) -> str:
     return md_path
 
 
-def run_experiment(path: str, seeds: Optional[Sequence[int]] = None,
-                   gin_params: Sequence[str] = (), budget_s: Optional[float] = None,
-                   results: str = 'experiments/results/results.csv',
-                   runs_dir: str = 'runs/experiments', variants: Optional[Sequence[str]] = None,
-                   log: Callable[[str], None] = print) -> list[dict]:
-    """Trains every selected variant x seed of the experiment file and appends the rows.
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One variant x seed of an experiment, its configuration already checked."""
+    variant: str
+    seed: int
+    run: RunConfig
+    gin_config: str
+
+
+def plan_runs(path: str, seeds: Optional[Sequence[int]] = None,
+              gin_params: Sequence[str] = (), budget_s: Optional[float] = None,
+              runs_dir: str = 'runs/experiments', variants: Optional[Sequence[str]] = None,
+              ) -> tuple[Experiment, list[PlannedRun]]:
+    """Loads and checks every selected variant x seed of an experiment; trains nothing.
 
     Each run's bindings are the variant's, then `gin_params`, then the seed, run
     directory and budget; its run directory is `runs_dir/<name>/<stamp>/<variant>/seed<k>`.
-
-    Returns:
-      the rows appended (dicts over RESULTS_COLUMNS).
+    Each distinct data / phase / mesh setting is checked with `loop.prepare` (corpus,
+    tokenizer, splits, mesh) once.
 
     Raises:
-      ValueError: an unknown variant name, or a run that ended before any evaluation.
+      ValueError: an unknown variant name, a bad binding or value (naming it), or bad data.
     """
     spec = load_experiment(path, gin_params)
     chosen = list(spec.variants) if variants is None else list(variants)
@@ -200,8 +212,10 @@ def run_experiment(path: str, seeds: Optional[Sequence[int]] = None,
         raise ValueError(f'unknown variant(s) {unknown} in {path}; it has {list(spec.variants)}')
     seeds = spec.seeds if seeds is None else tuple(seeds)
     budget = spec.time_budget_s if budget_s is None else budget_s
+    if budget is not None and not budget > 0:
+        raise ValueError(f'the time budget must be > 0 seconds, got {budget}')
     stamp = time.strftime('%Y%m%d-%H%M%S')
-    rows = []
+    planned, checked = [], set()
     for variant in chosen:
         for seed in seeds:
             run_dir = os.path.join(runs_dir, spec.name, stamp, variant, f'seed{seed}')
@@ -210,25 +224,60 @@ def run_experiment(path: str, seeds: Optional[Sequence[int]] = None,
                 'run_config.progress = False']
             if budget is not None:
                 bindings.append(f'run_config.time_budget_s = {float(budget)}')
-            run = train_cli.load_run_config([path], bindings)
-            log(f'[{spec.name}] {variant} seed {seed}: {run_dir}')
-            t0 = time.perf_counter()
-            result = loop.train(run, gin_config=gin.config_str(), log=lambda _: None)
-            row = dict(experiment=spec.name, variant=variant, seed=seed,
-                       bindings='; '.join(spec.variants[variant] + tuple(gin_params)),
-                       run_dir=run.run_dir, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
-                       **summarize_run(result, time.perf_counter() - t0))
-            log(f'  step {row["final_step"]}: best val {row["best_val_loss"]:.4f}, final '
-                f'{row["final_val_loss"]:.4f}, {row["tokens_per_s"]:,.0f} tok/s, '
-                f'{row["num_params"]:,} params, {row["wall_s"]:.1f} s')
-            append_rows(results, [row])
-            rows.append(row)
+            try:
+                run = train_cli.load_run_config([path], bindings)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f'variant {variant!r}: {cli_errors.one_line(e)}') from e
+            key = repr((run.data, run.phases, run.model.vocab_size, run.mesh))
+            if key not in checked:
+                loop.prepare(run)
+                checked.add(key)
+            planned.append(PlannedRun(variant, seed, run, gin.config_str()))
+    return spec, planned
+
+
+def train_planned(spec: Experiment, planned: Sequence[PlannedRun], gin_params: Sequence[str],
+                  results: str, log: Callable[[str], None] = print) -> list[dict]:
+    """Trains the planned runs in order, appending each one's row; then the summary."""
+    rows = []
+    for p in planned:
+        log(f'[{spec.name}] {p.variant} seed {p.seed}: {p.run.run_dir}')
+        t0 = time.perf_counter()
+        result = loop.train(p.run, gin_config=p.gin_config, log=lambda _: None)
+        row = dict(experiment=spec.name, variant=p.variant, seed=p.seed,
+                   bindings='; '.join(spec.variants[p.variant] + tuple(gin_params)),
+                   run_dir=p.run.run_dir, finished_at=time.strftime('%Y-%m-%dT%H:%M:%S'),
+                   **summarize_run(result, time.perf_counter() - t0))
+        log(f'  step {row["final_step"]}: best val {row["best_val_loss"]:.4f}, final '
+            f'{row["final_val_loss"]:.4f}, {row["tokens_per_s"]:,.0f} tok/s, '
+            f'{row["num_params"]:,} params, {row["wall_s"]:.1f} s')
+        append_rows(results, [row])
+        rows.append(row)
     write_summary(results)
     return rows
 
 
+def run_experiment(path: str, seeds: Optional[Sequence[int]] = None,
+                   gin_params: Sequence[str] = (), budget_s: Optional[float] = None,
+                   results: str = 'experiments/results/results.csv',
+                   runs_dir: str = 'runs/experiments', variants: Optional[Sequence[str]] = None,
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """Trains every selected variant x seed of the experiment file and appends the rows
+    (`plan_runs` checks them all first; see it for the bindings and run directories).
+
+    Returns:
+      the rows appended (dicts over RESULTS_COLUMNS).
+
+    Raises:
+      ValueError: from `plan_runs`, before any run trains.
+    """
+    spec, planned = plan_runs(path, seeds, gin_params, budget_s, runs_dir, variants)
+    return train_planned(spec, planned, gin_params, results, log)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='rustgpt-experiment', description=__doc__.splitlines()[0])
+    parser = cli_errors.ArgumentParser(prog='rustgpt-experiment',
+                                       description=__doc__.splitlines()[0])
     parser.add_argument('experiment_file', help='gin experiment file (includes + experiment.*)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='seeds (default: experiment.seeds)')
@@ -240,11 +289,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--results', default='experiments/results/results.csv',
                         help='results CSV to append to (markdown and plots go beside it)')
     parser.add_argument('--runs_dir', default='runs/experiments', help='root of run directories')
+    cli_errors.add_traceback_flag(parser)
     args = parser.parse_args(argv)
-    rows = run_experiment(args.experiment_file, args.seeds, args.gin_param, args.budget_s,
-                          args.results, args.runs_dir, args.variants)
-    bad = [r for r in rows if not math.isfinite(r['final_val_loss'])]
-    return 1 if bad else 0
+
+    def body() -> int:
+        with cli_errors.config_errors():
+            if not os.path.isfile(args.experiment_file):
+                raise ValueError(f'experiment file not found: {args.experiment_file}')
+            spec, planned = plan_runs(args.experiment_file, args.seeds, args.gin_param,
+                                      args.budget_s, args.runs_dir, args.variants)
+        rows = train_planned(spec, planned, args.gin_param, args.results)
+        bad = [r for r in rows if not math.isfinite(r['final_val_loss'])]
+        return 1 if bad else 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback)
 
 
 if __name__ == '__main__':

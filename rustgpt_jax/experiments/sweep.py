@@ -7,12 +7,17 @@ reports each validation loss with `trial.report` and kills the child when the pr
 says so. The objective is the run's best validation loss (minimised).
 
 Storage is Optuna's RDB storage: a SQLite file by default; a PostgreSQL URL
-(`postgresql+psycopg2://user:pass@host/db`, needs a driver such as psycopg2) lets workers
-on many machines share one study the same way, each machine running this command.
+(`postgresql+psycopg://user:pass@host:port/db`, with psycopg 3, the `test` extra) lets
+workers on many machines share one study the same way, each machine running this
+command (tests/test_sweep_postgres.py runs it on a real server).
 `--trials N` is the study's total of finished (complete or pruned) trials, so running
 the same command again resumes: the study is loaded, trials of dead workers (no
 heartbeat for `2 x --heartbeat_s`) are marked FAIL and re-enqueued with their parameters,
 and the workers go on until N trials have finished.
+
+The spec, the trained run's configuration at every parameter's candidate values and
+the storage are checked before any trial starts; a user error is one line,
+`rustgpt-sweep: error: <message>`, exit status 2.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 import gin
 import optuna
+import sqlalchemy.exc
 
+from rustgpt_jax import cli_errors
+from rustgpt_jax import train as train_cli
 from rustgpt_jax.experiments.plots import read_metrics
+from rustgpt_jax.training import loop
 
 SAMPLERS = ('grid', 'random', 'tpe')
 PARAM_TYPES = ('float', 'int', 'categorical')
+SPEC_KEYS = ('name', 'base_files', 'params', 'fixed', 'sampler', 'seed', 'pruner')
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -56,35 +67,101 @@ def check_spec(spec: dict) -> dict:
     Raises:
       ValueError: a missing key, an unknown sampler or parameter type, or a bad range.
     """
+    if not isinstance(spec, dict):
+        raise ValueError(f'a sweep spec is a mapping of keys, got {type(spec).__name__}')
     for key in ('name', 'base_files', 'params'):
         if not spec.get(key):
             raise ValueError(f'sweep spec needs a non-empty {key!r}')
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f'sweep spec has unknown keys {unknown}; known: {list(SPEC_KEYS)}')
     out = {'fixed': [], 'sampler': 'tpe', 'seed': 0, 'pruner': None, **spec}
+    if not isinstance(out['name'], str):
+        raise ValueError(f"sweep spec 'name' must be a string, got {out['name']!r}")
+    for key in ('base_files', 'fixed'):
+        if isinstance(out[key], str) or not all(isinstance(v, str) for v in out[key]):
+            raise ValueError(f'sweep spec {key!r} must be a list of strings, got {out[key]!r}')
     if out['sampler'] not in SAMPLERS:
         raise ValueError(f'sweep sampler must be one of {SAMPLERS}, got {out["sampler"]!r}')
+    if not isinstance(out['seed'], int) or isinstance(out['seed'], bool):
+        raise ValueError(f"sweep spec 'seed' must be an integer, got {out['seed']!r}")
+    pruner = out['pruner']
+    if not (pruner is None or pruner == 'none' or (
+            isinstance(pruner, dict) and set(pruner) <= {'n_startup_trials', 'n_warmup_steps'})):
+        raise ValueError("sweep pruner must be None, 'none' or a dict of n_startup_trials / "
+                         f'n_warmup_steps, got {pruner!r}')
+    if not isinstance(out['params'], dict):
+        raise ValueError(f"sweep spec 'params' must map gin binding targets to ranges, "
+                         f"got {out['params']!r}")
     for target, p in out['params'].items():
-        kind = p.get('type')
+        kind = p.get('type') if isinstance(p, dict) else None
         if kind not in PARAM_TYPES:
             raise ValueError(f'parameter {target!r}: type must be one of {PARAM_TYPES}, '
                              f'got {kind!r}')
         if kind == 'categorical':
-            if not p.get('choices'):
+            if not p.get('choices') or isinstance(p['choices'], (str, dict)):
                 raise ValueError(f'parameter {target!r}: categorical needs non-empty choices')
-        elif not ('low' in p and 'high' in p and p['low'] < p['high']):
-            raise ValueError(f'parameter {target!r}: {kind} needs low < high, got {p}')
+        else:
+            number = int if kind == 'int' else (int, float)
+            ends = [p.get('low'), p.get('high')]
+            if not all(isinstance(v, number) and not isinstance(v, bool) for v in ends) or not (
+                    p['low'] < p['high']):
+                raise ValueError(f'parameter {target!r}: {kind} needs low < high, got {p}')
+            if p.get('log') and p['low'] <= 0:
+                raise ValueError(f'parameter {target!r}: a log range needs low > 0, got {p}')
         if out['sampler'] == 'grid' and kind != 'categorical':
             raise ValueError(f'grid sampler: parameter {target!r} must be categorical '
                              '(list its grid points as choices)')
     return out
 
 
+def candidate_bindings(spec: dict) -> list[list[str]]:
+    """Bindings that together give every parameter each of its candidate values (every
+    choice, both ends of a range) once, the other parameters at their first value."""
+    first = {t: (p['choices'][0] if p['type'] == 'categorical' else p['low'])
+             for t, p in spec['params'].items()}
+    out = []
+    for target, p in spec['params'].items():
+        values = list(p['choices']) if p['type'] == 'categorical' else [p['low'], p['high']]
+        for value in values:
+            out.append([f'{t} = {(value if t == target else v)!r}' for t, v in first.items()])
+    return out
+
+
+def check_trainable(spec: dict, runs_dir: str) -> None:
+    """Loads the trained run's configuration at every candidate value and checks its data
+    (`loop.prepare`, once): a misspelt target or an impossible choice fails here, before a
+    study or a trial exists, rather than as failed trials.
+
+    Raises:
+      ValueError: naming the parameter value and the problem.
+    """
+    missing = [f for f in spec['base_files'] if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f'sweep base_files not found: {missing}')
+    run_dir = os.path.join(runs_dir, spec['name'], 'check')  # never written
+    run = None
+    for bindings in candidate_bindings(spec):
+        try:
+            run = train_cli.load_run_config(spec['base_files'], list(spec['fixed']) + bindings
+                                            + [f'run_config.run_dir = {run_dir!r}'])
+        except (ValueError, TypeError, SyntaxError, RuntimeError) as e:
+            raise ValueError(f'sweep {spec["name"]!r} with {"; ".join(bindings)}: '
+                             f'{cli_errors.one_line(e)}') from e
+    loop.prepare(run)
+
+
 def load_spec(path: str) -> dict:
     """Reads a `.json` spec or a `.gin` file of `sweep.*` bindings; see `check_spec`."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise ValueError(f'sweep spec not found: {path}')
     if path.endswith('.json'):
         with open(path, encoding='utf-8') as f:
-            return check_spec(json.load(f))
+            try:
+                spec = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{path}: not valid JSON ({e})') from None
+        return check_spec(spec)
     gin.clear_config()
     gin.parse_config_file(path)
     return check_spec(sweep())
@@ -108,10 +185,12 @@ def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
 def make_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """RDB storage with heartbeats; a dead worker's RUNNING trial is failed and retried."""
     kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
-        grace_period=2 * heartbeat_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    with warnings.catch_warnings():  # heartbeats are Optuna-"experimental"; used on purpose
+        warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_s,
+            grace_period=2 * heartbeat_s,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
 
 
 def suggest(trial: optuna.Trial, spec: dict) -> dict:
@@ -284,36 +363,59 @@ def run_sweep(spec_path: str, storage_url: str, n_trials: int, workers: int = 1,
     return study
 
 
+def _storage_error(url: str, error: Exception) -> cli_errors.UserError:
+    """A storage that cannot be opened, its URL shown without the password."""
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        shown = url.split('@')[-1]
+    return cli_errors.UserError(f'--storage {shown}: {cli_errors.one_line(error)}')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='rustgpt-sweep', description=__doc__.splitlines()[0])
+    parser = cli_errors.ArgumentParser(prog='rustgpt-sweep', description=__doc__.splitlines()[0])
     parser.add_argument('spec', help='sweep spec: .json, or .gin with sweep.* bindings')
     parser.add_argument('--storage', default='sqlite:///runs/sweeps/optuna.db',
-                        help='Optuna RDB URL (sqlite:///file.db or postgresql://...)')
-    parser.add_argument('--trials', type=int, required=True,
+                        help='Optuna RDB URL (sqlite:///file.db or '
+                             'postgresql+psycopg://user:pw@host:port/db)')
+    parser.add_argument('--trials', type=cli_errors.positive_int, required=True,
                         help='finished (complete + pruned) trials the study should reach')
-    parser.add_argument('--workers', type=int, default=1, help='local worker processes')
+    parser.add_argument('--workers', type=cli_errors.positive_int, default=1,
+                        help='local worker processes')
     parser.add_argument('--runs_dir', default='runs/sweeps', help='root of trial run dirs')
-    parser.add_argument('--heartbeat_s', type=int, default=5,
+    parser.add_argument('--heartbeat_s', type=cli_errors.positive_int, default=5,
                         help='heartbeat interval; a trial silent for twice this is stale')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+    cli_errors.add_traceback_flag(parser)
     args = parser.parse_args(argv)
-    if args.trials < 1 or args.workers < 1:
-        raise ValueError('--trials and --workers must be >= 1')
-    if args.storage.startswith('sqlite:///'):
-        folder = os.path.dirname(args.storage[len('sqlite:///'):])
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-    if args.worker:
-        work(load_spec(args.spec), args.storage, args.trials, args.runs_dir, args.heartbeat_s)
+
+    def body() -> int:
+        with cli_errors.config_errors():
+            spec = load_spec(args.spec)
+            if not args.worker:  # the launcher checked it for its workers
+                check_trainable(spec, args.runs_dir)
+        if args.storage.startswith('sqlite:///'):
+            folder = os.path.dirname(args.storage[len('sqlite:///'):])
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        try:
+            study = open_study(spec, args.storage, args.heartbeat_s)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            # a malformed URL, an unknown dialect or missing driver, a server that refuses
+            raise _storage_error(args.storage, e) from e
+        if args.worker:
+            work(spec, args.storage, args.trials, args.runs_dir, args.heartbeat_s)
+            return 0
+        run_sweep(args.spec, args.storage, args.trials, args.workers, args.runs_dir,
+                  args.heartbeat_s)
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            best = study.best_trial
+            print(f'best trial {best.number}: value {best.value:.4f} params {best.params}')
         return 0
-    study = run_sweep(args.spec, args.storage, args.trials, args.workers, args.runs_dir,
-                      args.heartbeat_s)
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE]
-    if done:
-        best = study.best_trial
-        print(f'best trial {best.number}: value {best.value:.4f} params {best.params}')
-    return 0
+
+    return cli_errors.run(parser.prog, body, traceback=args.traceback)
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ import numpy as np
 
 from rustgpt_jax import data as data_lib
 from rustgpt_jax.config import ModelConfig
-from rustgpt_jax.training.run_config import SHAKESPEARE, DataConfig, PhaseConfig
+from rustgpt_jax.training.run_config import SHAKESPEARE, ConfigError, DataConfig, PhaseConfig
 
 
 @dataclasses.dataclass
@@ -23,8 +23,17 @@ class PhaseData:
 def corpus_text(config: DataConfig, path: Optional[str] = None) -> str:
     """The corpus text (bundled Shakespeare or a file / folder), cut to `max_chars`."""
     source = path or config.corpus
-    text = (data_lib.shakespeare_text() if source == SHAKESPEARE
-            else data_lib.load_text(source))
+    if source == SHAKESPEARE:
+        try:
+            text = data_lib.shakespeare_text()
+        except ModuleNotFoundError as e:  # the corpus package: a set-up step, not a bug
+            raise data_lib.DataError(f"DataConfig.corpus='{SHAKESPEARE}': {e}") from None
+    else:
+        try:
+            text = data_lib.load_text(source)
+        except data_lib.DataError as e:  # say which field named the path
+            field = 'PhaseConfig.data_path' if path else 'DataConfig.corpus'
+            raise data_lib.DataError(f'{field}: {e}') from None
     if config.max_chars is not None:
         text = text[:config.max_chars]
     return text
@@ -39,7 +48,7 @@ def build_tokenizer(config: DataConfig) -> data_lib.Tokenizer:
 def check_vocab(tokenizer: data_lib.Tokenizer, model: ModelConfig) -> None:
     """Every token id must index the embedding table."""
     if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f'the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but '
             f'ModelConfig.vocab_size={model.vocab_size}; set vocab_size >= '
             f'{tokenizer.vocab_size} (or use a smaller vocabulary)')

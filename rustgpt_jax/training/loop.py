@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -16,12 +17,19 @@ import jax
 from tqdm.auto import tqdm
 
 from rustgpt_jax import data as data_lib
-from rustgpt_jax.sharding.training import ShardingPlan, make_plan
+from rustgpt_jax.sharding.mesh import resolve_shape
+from rustgpt_jax.sharding.training import ShardingPlan, make_plan, rules_batch_axis
 from rustgpt_jax.summary import architecture_summary
 from rustgpt_jax.training import adaptive_glue, data_setup, init_from, optim, steps
 from rustgpt_jax.training import metrics as metrics_lib
-from rustgpt_jax.training.checkpoint import TOKENIZER_DIR, Checkpointer, make_meta
-from rustgpt_jax.training.run_config import RunConfig
+from rustgpt_jax.training.checkpoint import (
+    TOKENIZER_DIR,
+    Checkpointer,
+    CheckpointError,
+    check_meta,
+    make_meta,
+)
+from rustgpt_jax.training.run_config import ConfigError, RunConfig
 from rustgpt_jax.training.state import TrainState, count_params, create_train_state
 
 
@@ -51,6 +59,105 @@ class TrainResult:
     stopped_early: bool = False
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare` built and checked before the run directory is touched.
+
+    Attributes:
+      tokenizer: the run's tokenizer (rebuilt from the corpus, or the saved one on resume).
+      phase_data: each phase's data, in `run.phases` order.
+      plan: the sharding plan of `run.mesh` (None without a mesh).
+    """
+    tokenizer: data_lib.Tokenizer
+    phase_data: list
+    plan: Optional[ShardingPlan]
+
+
+def prepare(run: RunConfig, resume: bool = False,
+            init: Optional[init_from.Pretrained] = None) -> Prepared:
+    """Validates everything about `run` that can fail on the user's input, writing nothing.
+
+    The run directory is untouched until this returns: an existing run without
+    `resume`, a corpus or instruction file that is missing or malformed, a tokenizer
+    that does not fit the model, an empty validation split of any phase, a mesh the
+    devices cannot form, or a checkpoint from another phase list all raise here.
+
+    `init` (pretrained weights, `init_from.load_source`) supplies the tokenizer of a
+    fresh run.
+
+    Raises:
+      ValueError: a DataError, CheckpointError or ConfigError naming the field, file
+        or checkpoint.
+    """
+    ckpt_dir = os.path.join(run.run_dir, 'checkpoints')
+    if not resume and _finished_steps(ckpt_dir):
+        raise CheckpointError(f'{ckpt_dir} already holds checkpoints; pass --resume to '
+                              'continue that run or choose another run_dir')
+    if resume:
+        _check_resumable(run, ckpt_dir)
+    tokenizer = _setup_tokenizer(run, ckpt_dir, resume, init)
+    # Every phase's data now, not at its start: a bad instruction file must not surface
+    # only after the pretraining phase has run for an hour.
+    phase_data = [data_setup.build_phase_data(p, run.data, tokenizer, run.seed)
+                  for p in run.phases]
+    plan = None
+    if run.mesh is not None:
+        _check_mesh_fits(run)
+        first = run.phases[0]
+        plan = make_plan(run.mesh, run.model, optim.make_optimizer(first.optimizer),
+                         first.batch_size, first.seq_len)
+    return Prepared(tokenizer=tokenizer, phase_data=phase_data, plan=plan)
+
+
+def _check_mesh_fits(run: RunConfig) -> None:
+    """The mesh against the devices and every phase's batch size (`make_plan` checks only
+    the first phase, and only after tracing the model)."""
+    try:
+        shape = resolve_shape(run.mesh.shape, jax.device_count())
+    except ValueError as e:
+        raise ConfigError(f'RunConfig.mesh: {e}') from None
+    data_axis = rules_batch_axis(run.mesh.rules)
+    if data_axis not in tuple(run.mesh.axis_names):
+        return
+    size = shape[tuple(run.mesh.axis_names).index(data_axis)]
+    for phase in run.phases:
+        if phase.batch_size % size:
+            raise ConfigError(f'phase {phase.name!r}: PhaseConfig.batch_size '
+                              f'{phase.batch_size} is not divisible by the {data_axis!r} mesh '
+                              f'axis ({size} devices)')
+
+
+def _finished_steps(ckpt_dir: str) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
+
+
+def _check_resumable(run: RunConfig, ckpt_dir: str) -> None:
+    """The latest checkpoint belongs to this model and one of the run's phases.
+
+    Read from the step's JSON items directly: orbax's manager would create and clean
+    directories, and nothing may be written before the run is known to be good.
+    """
+    steps = _finished_steps(ckpt_dir)
+    if not steps:
+        return  # --resume of a run that has not saved yet starts it
+    step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+    try:
+        items = {}
+        for item in ('data', 'meta'):
+            with open(os.path.join(step_dir, item, 'metadata'), encoding='utf-8') as f:
+                items[item] = json.load(f)
+    except (OSError, ValueError):
+        return  # unreadable items: `Checkpointer.restore` reports them with its own error
+    check_meta(items['meta'], run.model, None, step_dir)
+    phase = items['data'].get('phase')
+    names = [p.name for p in run.phases]
+    if phase not in names:
+        raise CheckpointError(f'checkpoint step {steps[-1]} belongs to phase {phase!r}, '
+                              f'which this run config does not have (phases: {names})')
+
+
 def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer,
                      plan: Optional[ShardingPlan]):
     """(state, phase index, iterator state) from the latest checkpoint, or None.
@@ -64,8 +171,9 @@ def _restore_or_none(run: RunConfig, ckpt: Checkpointer, tokenizer,
     meta = ckpt.read_meta(latest)
     names = [p.name for p in run.phases]
     if meta.get('phase') not in names:
-        raise ValueError(f'checkpoint step {latest} belongs to phase {meta.get("phase")!r}, '
-                         f'which this run config does not have (phases: {names})')
+        raise CheckpointError(f'checkpoint step {latest} belongs to phase '
+                              f'{meta.get("phase")!r}, which this run config does not have '
+                              f'(phases: {names})')
     index = names.index(meta['phase'])
     phase = run.phases[index]
     template = create_train_state(run.model, optim.make_optimizer(phase.optimizer), run.seed,
@@ -91,6 +199,7 @@ def _setup_tokenizer(run: RunConfig, ckpt_dir: str, resume: bool,
 
 def train(run: RunConfig, resume: bool = False, gin_config: str = '',
           log: Callable[[str], None] = print, stop_at_step: Optional[int] = None,
+          prepared: Optional[Prepared] = None,
           init: Optional[init_from.Pretrained] = None) -> TrainResult:
     """Runs (or resumes) every phase of `run`.
 
@@ -102,41 +211,38 @@ def train(run: RunConfig, resume: bool = False, gin_config: str = '',
       log: where progress lines go.
       stop_at_step: end abruptly once this global step is done, with no final
         evaluation or checkpoint, as a kill would (for resumption tests).
+      prepared: `prepare(run, resume, init)` when the caller already ran it (a command
+        line checks the run before it starts); None runs it here.
       init: pretrained weights and tokenizer to start from (`init_from.load_source`;
         `run.model` must be `init_from.model_config` of it). A resumed run continues
         from its checkpoint instead.
 
     Raises:
+      ValueError: from `prepare`, before anything is written.
       NonFiniteLossError: the loss became NaN/inf (the message names the step and the
         last good checkpoint).
     """
+    if prepared is None:
+        prepared = prepare(run, resume, init)
     ckpt_dir = os.path.join(run.run_dir, 'checkpoints')
-    if not resume and os.path.isdir(ckpt_dir) and any(
-            name.isdigit() for name in os.listdir(ckpt_dir)):
-        raise ValueError(f'{ckpt_dir} already holds checkpoints; pass --resume to continue '
-                         'that run or choose another run_dir')
-    tokenizer = _setup_tokenizer(run, ckpt_dir, resume, init)
+    tokenizer, plan = prepared.tokenizer, prepared.plan
     ckpt = Checkpointer(ckpt_dir, max_to_keep=run.max_to_keep)
     ckpt.save_tokenizer(tokenizer)
     if gin_config:
         with open(os.path.join(run.run_dir, 'config.gin'), 'w', encoding='utf-8') as f:
             f.write(gin_config)
     writer = metrics_lib.MetricsWriter(run.run_dir)
-    plan = None
-    if run.mesh is not None:
-        first = run.phases[0]
-        plan = make_plan(run.mesh, run.model, optim.make_optimizer(first.optimizer),
-                         first.batch_size, first.seq_len)
+    if plan is not None:
         log(f'mesh {dict(plan.mesh.shape)} strategy {run.mesh.strategy!r} over '
             f'{plan.mesh.size} devices ({jax.process_count()} process(es))')
     context = plan.activate() if plan is not None else contextlib.nullcontext()
     with context:
         return _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer,
-                      plan, init)
+                      plan, prepared.phase_data, init)
 
 
 def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, plan,
-           init=None):
+           all_phase_data, init=None):
     restored = _restore_or_none(run, ckpt, tokenizer, plan) if resume else None
     state, step, resume_phase, resume_iter = None, 0, None, None
     if restored is not None:
@@ -167,7 +273,7 @@ def _train(run, resume, gin_config, log, stop_at_step, tokenizer, ckpt, writer, 
                     state = state.replace(tx=tx, opt_state=jax.jit(tx.init)(state.params))
                 if plan is not None:
                     state = plan.place_state(state)
-                phase_data = data_setup.build_phase_data(phase, run.data, tokenizer, run.seed)
+                phase_data = all_phase_data[index]
                 if resume_phase == index:
                     phase_data.train.restore(resume_iter)
                 log(f'phase {phase.name!r} ({phase.kind}): {phase_data.description}; '

@@ -6,11 +6,48 @@ import dataclasses
 from typing import Optional
 
 from rustgpt_jax.config import ModelConfig
+from rustgpt_jax.data.tokenizers import TOKENIZER_KINDS
 from rustgpt_jax.sharding.mesh import MeshConfig
+from rustgpt_jax.sharding.rules import logical_axis_rules
 from rustgpt_jax.training.optim import OptimizerConfig
 
 PHASE_KINDS = ('lm', 'instruct')
 SHAKESPEARE = 'shakespeare'
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run as given: a mesh the devices cannot form, a
+    vocabulary larger than the model's. Field checks of the dataclasses below raise a
+    plain ValueError at construction (gin reports those)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f'{name} must be in [0, 1), got {value!r}')
+
+
+def _check_mesh(mesh) -> None:
+    """What a MeshConfig says on its own; whether the devices fit it is checked by
+    `loop.prepare`, which builds the mesh before the run writes anything."""
+    if not isinstance(mesh, MeshConfig):
+        raise ValueError(f'RunConfig.mesh must be a MeshConfig (@MeshConfig()) or None, '
+                         f'got {mesh!r}')
+    if len(mesh.shape) != len(mesh.axis_names):
+        raise ValueError(f'MeshConfig.shape {tuple(mesh.shape)} and MeshConfig.axis_names '
+                         f'{tuple(mesh.axis_names)} differ in length')
+    if not all(_is_int(s) and (s >= 1 or s == -1) for s in mesh.shape) or list(
+            mesh.shape).count(-1) > 1:
+        raise ValueError(f'MeshConfig.shape {tuple(mesh.shape)}: use sizes >= 1 and at most '
+                         'one -1')
+    try:
+        logical_axis_rules(mesh.strategy)
+    except ValueError as e:
+        raise ValueError(f'MeshConfig.strategy: {e}') from None
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +69,16 @@ class DataConfig:
     max_chars: Optional[int] = None
 
     def __post_init__(self):
-        if self.max_chars is not None and self.max_chars < 2:
+        # Checked here, not when the data is first read: a bad value must stop the run
+        # before it writes anything to its directory.
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise ValueError(f"DataConfig.corpus must be '{SHAKESPEARE}' or a path, "
+                             f'got {self.corpus!r}')
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f'DataConfig.tokenizer={self.tokenizer!r} is not one of '
+                             f'{TOKENIZER_KINDS}')
+        _check_fraction('DataConfig.validation_fraction', self.validation_fraction)
+        if self.max_chars is not None and (not _is_int(self.max_chars) or self.max_chars < 2):
             raise ValueError(f'DataConfig.max_chars must be >= 2 or None, got {self.max_chars}')
 
 
@@ -69,8 +115,16 @@ class PhaseConfig:
             raise ValueError(f'PhaseConfig.kind={self.kind!r} is not one of {PHASE_KINDS}')
         for name in ('steps', 'batch_size', 'seq_len', 'accum_steps'):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f'PhaseConfig.{name} must be an integer >= 1, got {value!r}')
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise ValueError(f'phase {self.name!r}: PhaseConfig.optimizer must be an '
+                             f'OptimizerConfig (@OptimizerConfig()), got {self.optimizer!r}')
+        _check_fraction('PhaseConfig.validation_fraction', self.validation_fraction)
+        if self.eval_batches is not None and (not _is_int(self.eval_batches)
+                                              or self.eval_batches < 1):
+            raise ValueError(f'PhaseConfig.eval_batches must be an integer >= 1 or None, '
+                             f'got {self.eval_batches!r}')
         if self.kind == 'instruct' and not self.data_path:
             raise ValueError(f'phase {self.name!r}: an instruct phase needs data_path '
                              '(a JSONL file of {"prompt": ..., "response": ...})')
@@ -109,8 +163,18 @@ class RunConfig:
     mesh: Optional[MeshConfig] = None
 
     def __post_init__(self):
+        for name, kind in (('model', ModelConfig), ('data', DataConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f'RunConfig.{name} must be a {kind.__name__} '
+                                 f'(@{kind.__name__}()), got {getattr(self, name)!r}')
         if not self.phases:
             raise ValueError('RunConfig.phases is empty')
+        bad = [p for p in self.phases if not isinstance(p, PhaseConfig)]
+        if bad:
+            raise ValueError(f'RunConfig.phases must be PhaseConfigs (@PhaseConfig()), got '
+                             f'{bad[0]!r}')
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ValueError(f'RunConfig.run_dir must be a non-empty path, got {self.run_dir!r}')
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f'RunConfig.phases have duplicate names: {names}')
@@ -119,8 +183,17 @@ class RunConfig:
                 raise ValueError(f'phase {phase.name!r}: seq_len {phase.seq_len} exceeds '
                                  f'ModelConfig.max_seq_len={self.model.max_seq_len}')
         for name in ('checkpoint_every', 'max_to_keep', 'log_every'):
-            if getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f'RunConfig.{name} must be >= 1, got {getattr(self, name)}')
+        if not _is_int(self.seed):
+            raise ValueError(f'RunConfig.seed must be an integer, got {self.seed!r}')
+        if self.time_budget_s is not None and (
+                isinstance(self.time_budget_s, bool)
+                or not isinstance(self.time_budget_s, (int, float)) or self.time_budget_s <= 0):
+            raise ValueError(f'RunConfig.time_budget_s must be > 0 seconds or None, got '
+                             f'{self.time_budget_s!r}')
+        if self.mesh is not None:
+            _check_mesh(self.mesh)
 
     @property
     def total_steps(self) -> int:
@@ -134,3 +207,4 @@ class RunConfig:
                 return i, phase, start
             start += phase.steps
         return len(self.phases) - 1, self.phases[-1], start - self.phases[-1].steps
+

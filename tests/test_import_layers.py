@@ -22,7 +22,8 @@ LAYERS = [
     ('nn', ['nn']),
     ('models', ['arch', 'models', 'summary', 'sharding']),
     ('services', ['training', 'decoding', 'interop']),
-    ('entry points', ['train', 'demo', 'export', 'decoding.cli', 'experiments', '__init__']),
+    ('entry points', ['train', 'demo', 'export', 'cli_errors', 'decoding.cli', 'experiments',
+                      '__init__']),
 ]
 RANK = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
 

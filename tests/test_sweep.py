@@ -161,3 +161,23 @@ def test_surplus_trial_of_a_race_is_failed_before_training():
     with pytest.raises(RuntimeError, match='beyond --trials 3'):
         objective._check_budget(third)
     sweep.Objective({}, 'unused')._check_budget(third)  # no budget: never refused
+
+
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    # A worker killed between Optuna's ask and its first heartbeat leaves a RUNNING
+    # trial that Optuna never ages; workers waiting for the last trials would hang.
+    storage = sweep.make_storage(f'sqlite:///{tmp_path / "study.db"}', heartbeat_s=1)
+    study = optuna.create_study(study_name='orphans', storage=storage)
+    orphan = study.ask({'x': optuna.distributions.FloatDistribution(0.0, 1.0)})  # no heartbeat
+    live = study.ask()
+    live.set_user_attr('worker_pid', 123)  # reached its objective: Optuna's heartbeats own it
+    assert sweep.fail_orphaned_trials(study, grace_s=60) == []  # too young to judge
+    time.sleep(0.05)
+    assert sweep.fail_orphaned_trials(study, grace_s=0.01) == [orphan.number]
+    states = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert states[orphan.number].state == State.FAIL
+    assert states[live.number].state == State.RUNNING
+    retry = [t for t in states.values() if t.system_attrs.get('failed_trial') == orphan.number]
+    assert len(retry) == 1 and retry[0].state == State.WAITING
+    assert retry[0].params == states[orphan.number].params
+    assert sweep.fail_orphaned_trials(study, grace_s=0.01) == []  # once only

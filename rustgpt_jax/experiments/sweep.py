@@ -23,6 +23,7 @@ the storage are checked before any trial starts; a user error is one line,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -309,6 +310,43 @@ def open_study(spec: dict, storage_url: str, heartbeat_s: int) -> optuna.Study:
                                direction='minimize', load_if_exists=True)
 
 
+# A RUNNING trial this old that never reached its objective (no `worker_pid`) lost its
+# worker between Optuna's ask and the first heartbeat.
+ORPHAN_GRACE_S = 30
+
+
+def fail_orphaned_trials(study: optuna.Study, grace_s: float) -> list[int]:
+    """Fails (and queues a retry of) RUNNING trials whose worker died before their first
+    heartbeat; returns their numbers.
+
+    Optuna ages only trials that have a heartbeat (`RDBStorage._get_stale_trial_ids`), so
+    a worker killed between `ask` and the heartbeat thread's first record leaves a trial
+    RUNNING forever, and workers waiting for the study's last trials would wait forever
+    (tests/test_sweep.py saw it under load). The objective sets `worker_pid` after the
+    heartbeat thread has started, so a trial without it, older than `grace_s`, is one.
+    """
+    storage = study._storage  # as optuna.storages.fail_stale_trials uses it
+    now = datetime.datetime.now()  # Optuna stores naive local start times
+    orphans = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if 'worker_pid' in trial.user_attrs or started is None:
+            continue
+        if (now - started).total_seconds() < grace_s:
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id,
+                                                  state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, storage.get_trial(trial._trial_id))
+        orphans.append(trial.number)
+    return orphans
+
+
 def work(spec: dict, storage_url: str, n_trials: int, runs_dir: str, heartbeat_s: int,
          log=print) -> None:
     """One worker: runs trials until the study holds `n_trials` finished ones.
@@ -323,6 +361,7 @@ def work(spec: dict, storage_url: str, n_trials: int, runs_dir: str, heartbeat_s
     objective = Objective(spec, runs_dir, budget=n_trials)
     while True:
         optuna.storages.fail_stale_trials(study)
+        fail_orphaned_trials(study, grace_s=max(ORPHAN_GRACE_S, 4 * heartbeat_s))
         states = [t.state for t in study.get_trials(deepcopy=False)]
         finished = sum(s in FINISHED for s in states)
         running = states.count(optuna.trial.TrialState.RUNNING)

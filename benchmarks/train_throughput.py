@@ -54,10 +54,14 @@ def _parse_args(argv):
     p.add_argument('--rounds', type=int, default=3, help='alternating timed rounds per side')
     p.add_argument('--threads', type=int, default=os.cpu_count())
     p.add_argument('--jax_variants', nargs='+', default=['tuned', 'packed'],
-                   choices=['tuned', 'packed', 'plain'],
+                   choices=['tuned', 'packed', 'plain', 'packed-bf16'],
                    help="tuned: the settings this script recommends; packed: tuned with "
                         "packed projections (nn.packing); plain: scanned layers and "
-                        "reference attention (the straightforward step)")
+                        "reference attention (the straightforward step); packed-bf16: "
+                        "packed with bfloat16 compute, float32 parameters and loss")
+    p.add_argument('--torch_bf16', action='store_true',
+                   help='also time torch under bfloat16 autocast (the bf16 rows compare '
+                        'against it)')
     p.add_argument('--json', default=None)
     return p.parse_args(argv)
 
@@ -86,8 +90,9 @@ LR, BETAS, WD, CLIP, EPS = 3e-4, (0.9, 0.95), 0.1, 1.0, 1e-8
 
 
 def jax_config(c: dict, variant: str) -> ModelConfig:
-    tuned = variant in ('tuned', 'packed')
+    tuned = variant in ('tuned', 'packed', 'packed-bf16')
     return ModelConfig(
+        dtype='bfloat16' if variant.endswith('bf16') else 'float32', param_dtype='float32',
         vocab_size=c['vocab_size'], embed_dim=c['embed_dim'], hidden_dim=c['hidden_dim'],
         num_layers=c['num_layers'], num_heads=c['num_heads'], num_kv_heads=c['num_kv_heads'],
         max_seq_len=c['seq_len'], norm='rms_norm', feed_forward='swiglu', positions='rope',
@@ -116,7 +121,7 @@ class JaxSide:
                                      eps=EPS, weight_decay=WD, grad_clip_norm=CLIP)
         self.state = state_lib.create_train_state(
             cfg, optim.make_optimizer(ocfg), 0, c['batch'], c['seq_len'],
-            Execution(packed=variant == 'packed'))
+            Execution(packed=variant.startswith('packed')))
         self.step_fn = steps.make_train_step(cfg)
         self.data = [jax.device_put(b) for b in batches(c, 2)]
         self.params = state_lib.count_params(self.state.params)
@@ -130,7 +135,7 @@ class JaxSide:
 
 
 class TorchSide:
-    def __init__(self, c: dict, threads: int):
+    def __init__(self, c: dict, threads: int, bf16: bool = False):
         import torch
         from transformers import MistralConfig, MistralForCausalLM
         torch.set_num_threads(threads)
@@ -143,6 +148,7 @@ class TorchSide:
             tie_word_embeddings=False, attention_dropout=0.0)
         hf._attn_implementation = 'sdpa'
         self.torch = torch
+        self.bf16 = bf16  # autocast: bfloat16 matmuls, float32 parameters and loss
         self.model = MistralForCausalLM(hf).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                      weight_decay=WD)
@@ -152,7 +158,8 @@ class TorchSide:
 
     def step(self, batch):
         torch = self.torch
-        logits = self.model(input_ids=batch['tokens'], use_cache=False).logits
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(input_ids=batch['tokens'], use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                                  batch['targets'].flatten())
         self.opt.zero_grad(set_to_none=True)
@@ -174,21 +181,25 @@ def measure(name: str, args) -> list[dict]:
     tokens = c['batch'] * c['seq_len'] * args.steps
     sides = {f'jax-{v}': JaxSide(c, v) for v in args.jax_variants}
     sides['torch'] = TorchSide(c, args.threads)
+    if args.torch_bf16:
+        sides['torch-bf16'] = TorchSide(c, args.threads, bf16=True)
     times = {k: [] for k in sides}
     for side in sides.values():
         side.run(2)  # compile / warm-up
     for _ in range(args.rounds):
         for key, side in sides.items():
             times[key].append(side.run(args.steps))
-    torch_tps = tokens / min(times['torch'])
     rows = []
     for key, side in sides.items():
+        # bf16 rows against torch's bf16 autocast when it ran, else float32 torch.
+        ref = 'torch-bf16' if key.endswith('bf16') and 'torch-bf16' in times else 'torch'
+        torch_tps = tokens / min(times[ref])
         tps = tokens / min(times[key])
         rows.append({'config': name, 'impl': key, 'params': side.params,
                      'batch': f"{c['batch']}x{c['seq_len']}", 'tokens_per_s': round(tps, 1),
                      'median_tokens_per_s': round(tokens / statistics.median(times[key]), 1),
                      'step_ms': round(1000 * min(times[key]) / args.steps, 1),
-                     'vs_torch': round(tps / torch_tps, 3),
+                     'vs_torch': round(tps / torch_tps, 3), 'torch_reference': ref,
                      'rounds_s': [round(t, 3) for t in times[key]]})
     return rows
 
@@ -199,10 +210,10 @@ def main(args) -> None:
     rows = []
     for name in args.configs:
         rows.extend(measure(name, args))
-    print(f"{'config':<7}{'impl':<12}{'params':>11}{'batch':>9}{'tokens/s':>11}{'median':>9}"
-          f"{'step ms':>10}{'vs torch':>10}")
+    print(f"{'config':<7}{'impl':<17}{'params':>11}{'batch':>9}{'tokens/s':>11}{'median':>9}"
+          f"{'step ms':>10}{'vs torch':>10}  (bf16 rows: vs torch bf16 autocast)")
     for r in rows:
-        print(f"{r['config']:<7}{r['impl']:<12}{r['params']:>11,}{r['batch']:>9}"
+        print(f"{r['config']:<7}{r['impl']:<17}{r['params']:>11,}{r['batch']:>9}"
               f"{r['tokens_per_s']:>11,.0f}{r['median_tokens_per_s']:>9,.0f}"
               f"{r['step_ms']:>10.1f}{r['vs_torch']:>10.2f}")
     doc = {'benchmark': 'train_throughput', 'machine': info, 'threads': args.threads,

@@ -7,7 +7,8 @@
 // product pays a wake-up (benchmarks/RESULTS.md, "decode"). Here the output rows are
 // split between the calling thread and workers that spin briefly between calls
 // (yielding, so XLA's own threads still get the core) before they sleep.
-// Built and loaded by rustgpt_jax/kernels/cpu_gemv.py; needs AVX-512F.
+// Built and loaded by rustgpt_jax/native/cpu_gemv.py; needs AVX-512F. The thread count and
+// spin time are attributes of each call (runtime.Execution), not environment reads.
 #include <immintrin.h>
 #include <sched.h>
 #include <unistd.h>

@@ -38,6 +38,9 @@ import numpy as np
 # This checkout's package, whichever one is installed (the suite tests what it ships with).
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))  # its helpers, also when loaded as a module
+
+import timing  # noqa: E402  (benchmarks/timing.py)
 
 from rustgpt_jax import masks  # noqa: E402
 from rustgpt_jax.config import ModelConfig  # noqa: E402
@@ -100,14 +103,6 @@ def _reference(q, k, v, pos, window):
                          window=jnp.asarray(w, jnp.int32))
 
 
-def _best_seconds(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    best = float('inf')
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def attention_rows(sizes: dict, iters: int) -> list[dict]:
@@ -137,7 +132,7 @@ def attention_rows(sizes: dict, iters: int) -> list[dict]:
                         impl(q, k, v, pos, w).astype(jnp.float32)), (0, 1, 2)))
                 for label, fn, mult in (('fwd', fwd, 1.0), ('fwd_bwd', grad, 3.5)):
                     try:
-                        sec = _best_seconds(fn, (q, kk, v), iters)
+                        sec = timing.best_seconds(fn, (q, kk, v), iters)
                         row[f'{label}_ms'] = _sig(sec * 1e3)
                         row[f'{label}_tflops'] = _sig(mult * flops / sec / 1e12)
                     except Exception as err:  # noqa: BLE001 - record and go on

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
+import timing  # benchmarks/timing.py
 
 from rustgpt_jax.kernels import flash_attention
 from rustgpt_jax.ops.reference import mha_reference
@@ -53,15 +53,6 @@ def _reference(q, k, v, pos, window):
     return mha_reference(q, k, v, q_positions=pos, kv_positions=pos, window=w)
 
 
-def _time(fn, args, iters):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float('inf')
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_one(name, impl, b, t, n, k, h, window, dtype, iters):
@@ -78,7 +69,7 @@ def bench_one(name, impl, b, t, n, k, h, window, dtype, iters):
                head_dim=h, dtype=jnp.dtype(dtype).name)
     for label, fn, mult in (('fwd', fwd, 1.0), ('fwd_bwd', grad, 3.5)):
         try:
-            sec = _time(fn, (q, kk, v), iters)
+            sec = timing.best_seconds(fn, (q, kk, v), iters)
             row[f'{label}_ms'] = round(sec * 1e3, 3)
             row[f'{label}_tflops'] = round(mult * flops / sec / 1e12, 3)
         except Exception as err:  # noqa: BLE001 - report unsupported paths, keep going

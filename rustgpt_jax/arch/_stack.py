@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rustgpt_jax import axes
-from rustgpt_jax.config import ModelConfig, PositionType, RematPolicy
+from rustgpt_jax.config import ModelConfig, NormPlacement, PositionType, RematPolicy
 from rustgpt_jax.nn.block import make_norm
 from rustgpt_jax.nn.embedder import Embedder
 from rustgpt_jax.runtime.execution import Execution
@@ -31,8 +31,9 @@ REMAT_POLICIES = {
 class LanguageModel(nn.Module):
     """What every architecture is: logits = head(hidden_states(tokens)).
 
-    Subclasses assign `self.embedder` (`make_embedder`) in `setup` and define
-    `hidden_states`; `build_model` constructs them as `cls(config, execution)`.
+    `hidden_states` is embed -> dropout -> `mix` -> final norm (pre-norm only). Subclasses
+    define `mix` (and may extend `setup` and `embed`); `build_model` constructs them as
+    `cls(config, execution)`.
 
     Attributes:
       config: the model (its math).
@@ -61,9 +62,32 @@ class LanguageModel(nn.Module):
         x = self.hidden_states(tokens, positions, segment_ids, deterministic, decode)
         return self.embedder.decode(x)
 
+    def setup(self):
+        self.embedder = make_embedder(self.config, self.execution)
+        if self.config.norm_placement == NormPlacement.PRE:
+            self.final_norm = make_norm(self.config, 'final_norm')
+
+    @nn.compact
     def hidden_states(self, tokens, positions=None, segment_ids=None,
                       deterministic: bool = True, decode: bool = False):
-        """Final hidden states (B, T, D) before the output head."""
+        """Final hidden states (B, T, D) before the output head: embed, mix, final norm."""
+        cfg = self.config
+        tokens, positions = prepare_inputs(tokens, positions, cfg, decode)
+        x = self.embed(tokens, positions)  # (B, T, D)
+        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+        x = self.mix(x, positions, segment_ids, deterministic, decode)
+        if cfg.norm_placement == NormPlacement.PRE:
+            x = self.final_norm(x)
+        return x
+
+    def embed(self, tokens, positions):
+        """(B, T) ids -> (B, T, D) embeddings."""
+        return self.embedder.encode(tokens, positions)
+
+    def mix(self, x, positions, segment_ids, deterministic: bool, decode: bool):
+        """The architecture's body: (B, T, D) -> (B, T, D) (called inside `hidden_states`,
+        whose scope holds the submodules it creates)."""
         raise NotImplementedError
 
 

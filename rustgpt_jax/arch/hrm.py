@@ -44,8 +44,6 @@ from rustgpt_jax.arch._stack import (
     SCANNED_COLLECTIONS,
     LanguageModel,
     LayerStack,
-    make_embedder,
-    prepare_inputs,
 )
 from rustgpt_jax.config import ModelConfig, NormPlacement
 from rustgpt_jax.nn.block import Block, make_norm
@@ -112,30 +110,23 @@ class HRMLM(LanguageModel):
     """Embedder, the HRM L/H iteration, final norm (pre-norm only), head."""
 
     def setup(self):
+        super().setup()
         cfg = self.config
-        self.embedder = make_embedder(cfg, self.execution)
         self.embed_norm = make_norm(cfg, 'embed_norm')
-        if cfg.norm_placement == NormPlacement.PRE:
-            self.final_norm = make_norm(cfg, 'final_norm')
         init = nn.with_logical_partitioning(
             nn.initializers.truncated_normal(1.0), (axes.EMBED,))
         self.z_low_init = self.param('z_low_init', init, (cfg.embed_dim,), cfg.params_dtype)
         self.z_high_init = self.param('z_high_init', init, (cfg.embed_dim,), cfg.params_dtype)
 
-    @nn.compact
-    def hidden_states(self, tokens, positions=None, segment_ids=None,
-                      deterministic: bool = True, decode: bool = False):
-        """Final hidden states (B, T, D): final_norm(zH) after N cycles."""
-        cfg = self.config
-        tokens, positions = prepare_inputs(tokens, positions, cfg, decode)
-        x = self.embed_norm(self.embedder.encode(tokens, positions))  # (B, T, D)
-        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    def embed(self, tokens, positions):
+        """Embeddings, normalised: the input x every L update adds."""
+        return self.embed_norm(self.embedder.encode(tokens, positions))
+
+    def mix(self, x, positions, segment_ids, deterministic: bool, decode: bool):
+        """zH after N cycles of T low-level updates and one high-level update."""
         z_low = jnp.broadcast_to(self.z_low_init.astype(x.dtype), x.shape)  # (B, T, D)
         z_high = jnp.broadcast_to(self.z_high_init.astype(x.dtype), x.shape)  # (B, T, D)
-        cycles = _iterate(_Cycle, cfg.hrm_cycles, 3)(cfg, self.execution, deterministic, decode,
-                                                     name='cycles')
+        cycles = _iterate(_Cycle, self.config.hrm_cycles, 3)(
+            self.config, self.execution, deterministic, decode, name='cycles')
         (_, z_high), _ = cycles((z_low, z_high), x, positions, segment_ids)
-        if cfg.norm_placement == NormPlacement.PRE:
-            z_high = self.final_norm(z_high)
         return z_high

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from rustgpt_jax import axes
-from rustgpt_jax.arch._stack import LanguageModel, LayerStack, make_embedder, prepare_inputs
+from rustgpt_jax.arch._stack import LanguageModel, LayerStack
 from rustgpt_jax.config import ModelConfig, NormPlacement
 from rustgpt_jax.nn.block import make_feed_forward, make_norm
 from rustgpt_jax.nn.dense import dense
@@ -213,23 +213,8 @@ class HyperMixerBlock(nn.Module):
 class HyperMixerLM(LanguageModel):
     """Embedder, `num_layers` HyperMixer blocks, final norm (pre-norm only), head."""
 
-    def setup(self):
-        self.embedder = make_embedder(self.config, self.execution)
-        if self.config.norm_placement == NormPlacement.PRE:
-            self.final_norm = make_norm(self.config, 'final_norm')
-
-    @nn.compact
-    def hidden_states(self, tokens, positions=None, segment_ids=None,
-                      deterministic: bool = True, decode: bool = False):
-        """Final hidden states (B, T, D) before the output head."""
-        cfg = self.config
-        tokens, positions = prepare_inputs(tokens, positions, cfg, decode)
-        x = self.embedder.encode(tokens, positions)  # (B, T, D)
-        x = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x)
-        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-        x = LayerStack(cfg, HyperMixerBlock, cfg.num_layers, execution=self.execution,
-                       deterministic=deterministic, decode=decode, name='stack')(
-                           x, positions, segment_ids)
-        if cfg.norm_placement == NormPlacement.PRE:
-            x = self.final_norm(x)
-        return x
+    def mix(self, x, positions, segment_ids, deterministic: bool, decode: bool):
+        """The HyperMixer blocks: (B, T, D) -> (B, T, D)."""
+        return LayerStack(self.config, HyperMixerBlock, self.config.num_layers,
+                          execution=self.execution, deterministic=deterministic, decode=decode,
+                          name='stack')(x, positions, segment_ids)

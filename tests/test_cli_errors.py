@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from test_experiments import write_toy_experiment
+from test_sweep import toy_spec
 from test_training_helpers import write_corpus
 
 from rustgpt_jax import cli_errors
@@ -315,17 +316,8 @@ def test_runner_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
 # -- the sweep ---------------------------------------------------------------------------
 
 def _spec(fixtures, **overrides) -> dict:
-    write_toy_experiment(fixtures, steps=2)
-    spec = dict(name='toy_sweep', base_files=[str(fixtures / 'model.gin'),
-                                              str(fixtures / 'run.gin')],
-                fixed=['run_config.checkpoint_every = 1'],
-                params={'pretrain/OptimizerConfig.learning_rate':
-                        {'type': 'float', 'low': 1e-3, 'high': 1e-2, 'log': True},
-                        'ModelConfig.num_kv_heads': {'type': 'categorical',
-                                                     'choices': [1, 2, 4]}},
-                sampler='random', seed=0, pruner='none')
-    spec.update(overrides)
-    return spec
+    return toy_spec(fixtures, steps=2, **{'fixed': ['run_config.checkpoint_every = 1'],
+                                          **overrides})
 
 
 def _sweep_cases(fixtures) -> list[tuple[list[str], str]]:

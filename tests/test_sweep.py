@@ -22,8 +22,9 @@ from rustgpt_jax.experiments.plots import read_metrics
 State = optuna.trial.TrialState
 
 
-def write_spec(tmp_path, **overrides) -> str:
-    write_toy_experiment(tmp_path, steps=9)
+def toy_spec(tmp_path, steps: int = 9, **overrides) -> dict:
+    """A sweep spec over the toy experiment in `tmp_path` (`write_toy_experiment`)."""
+    write_toy_experiment(tmp_path, steps=steps)
     spec = dict(name='toy_sweep', base_files=[str(tmp_path / 'model.gin'),
                                               str(tmp_path / 'run.gin')],
                 fixed=['run_config.checkpoint_every = 3'],
@@ -33,8 +34,12 @@ def write_spec(tmp_path, **overrides) -> str:
                                                      'choices': [1, 2, 4]}},
                 sampler='random', seed=0, pruner='none')
     spec.update(overrides)
+    return spec
+
+
+def write_spec(tmp_path, **overrides) -> str:
     path = tmp_path / 'spec.json'
-    path.write_text(json.dumps(spec))
+    path.write_text(json.dumps(toy_spec(tmp_path, **overrides)))
     return str(path)
 
 

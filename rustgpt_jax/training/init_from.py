@@ -18,7 +18,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from rustgpt_jax.config import ModelConfig
@@ -26,9 +25,8 @@ from rustgpt_jax.data.tokenizer_base import Tokenizer
 from rustgpt_jax.interop.gguf import load_gguf
 from rustgpt_jax.interop.hf import load_pretrained
 from rustgpt_jax.interop.hf_files import CONFIG_JSON
-from rustgpt_jax.models import build_model
 from rustgpt_jax.training.checkpoint import load_for_inference
-from rustgpt_jax.training.state import ADAPTIVE, TrainState, init_variables
+from rustgpt_jax.training.state import TrainState, create_train_state, init_variables
 
 # Fields that change how the model computes or regularises, never a parameter's shape.
 SHAPE_FREE_FIELDS = ('dropout_rate', 'dtype', 'param_dtype', 'remat_policy', 'attention_impl',
@@ -119,12 +117,4 @@ def initial_state(config: ModelConfig, tx: optax.GradientTransformation, seed: i
         if expected.get(name) != given.get(name):
             raise InitFromError(f'pretrained parameter {name}: shape {given.get(name)}, the '
                                 f'model needs {expected.get(name)}')
-    dtype = config.params_dtype
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    adaptive = {}
-    if abstract.get(ADAPTIVE):  # statistics of the adaptive strategies start fresh
-        adaptive = init_variables(config, seed, batch_size, seq_len)[ADAPTIVE]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
-        adaptive=adaptive, rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)),
-        apply_fn=build_model(config).apply, tx=tx)
+    return create_train_state(config, tx, seed, batch_size, seq_len, params=params)

@@ -80,9 +80,10 @@ def init_variables(config: ModelConfig, seed: int, batch_size: int, seq_len: int
 
 
 def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                       batch_size: int, seq_len: int,
-                       execution: Execution = Execution()) -> TrainState:
-    """A fresh state: params from `seed`, dropout base key from `seed + 1`.
+                       batch_size: int, seq_len: int, execution: Execution = Execution(),
+                       params: Any = None) -> TrainState:
+    """A fresh state (step 0, new optimizer state): params from `seed` or given, dropout
+    base key from `seed + 1`.
 
     Args:
       config: the model.
@@ -91,9 +92,20 @@ def create_train_state(config: ModelConfig, tx: optax.GradientTransformation, se
       batch_size, seq_len: the micro-batch shape the model sees.
       execution: parameter layout and products (`runtime.Execution`); runs and their
         checkpoints use the default, the standard layout.
+      params: start from these (e.g. pretrained, `training.init_from`; cast to
+        `config.param_dtype`) instead of a random initialisation; the caller checks
+        their shapes.
     """
-    variables = init_variables(config, seed, batch_size, seq_len, execution)
-    params = variables['params']
+    if params is None:
+        variables = init_variables(config, seed, batch_size, seq_len, execution)
+        params = variables['params']
+    else:
+        params = jax.tree.map(lambda a: jnp.asarray(a, config.params_dtype), params)
+        abstract = jax.eval_shape(
+            lambda: init_variables(config, seed, batch_size, seq_len, execution))
+        # Only the adaptive strategies' statistics are initialised (they start fresh).
+        variables = (init_variables(config, seed, batch_size, seq_len, execution)
+                     if abstract.get(ADAPTIVE) else {})
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
         adaptive=variables.get(ADAPTIVE, {}),

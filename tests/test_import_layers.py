@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'rustgpt_jax'
 # Lowest first. A name is a module or package under rustgpt_jax; the longest match wins.
 LAYERS = [
     ('leaves', ['masks', 'axes', 'config', 'param_counts', 'data']),
-    ('ops', ['ops']),
+    ('ops', ['ops', 'quant']),
     ('kernels', ['kernels', 'native']),
     ('runtime', ['runtime']),
     ('adaptive', ['adaptive']),

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rustgpt_jax import quant
 from rustgpt_jax.config import FeedForwardType, ModelConfig, PositionType
 from rustgpt_jax.models import build_model
 from rustgpt_jax.native import cpu_gemv
@@ -222,6 +223,16 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
     Returns:
       The `DecodeModel`.
     """
+    if any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
+            params, is_leaf=quant.is_quantized)):
+        # GGUF weights kept in their encodings (`load_gguf(quantized=True)`): already
+        # unrolled, and each QArray is output-major by nature, so nothing is packed; the
+        # quantized products are the native kernel's under CPU_GEMV.
+        if matvec is None:
+            matvec = default_matvec_impl(config, directory=kernel_cache_dir)
+        execution = Execution(matvec=matvec, gemv_threads=gemv_threads,
+                              gemv_spin_us=gemv_spin_us, kernel_cache_dir=kernel_cache_dir)
+        return DecodeModel(config, params, execution)
     if params_packed or not config.scan_layers:
         config, params = unstack_layers(config, params)
         if not params_packed:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from rustgpt_jax.nn.weights import weight
 from rustgpt_jax.runtime import products
 from rustgpt_jax.runtime.execution import Execution
 
@@ -50,9 +51,9 @@ class Projection(nn.Module):
             shape = features + in_dims
         else:
             shape = in_dims + features
-        kernel = self.param(
-            'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                   kernel_axes),
+        kernel = weight(  # a float array, or a quantized QArray (runtime.products)
+            self, 'kernel', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                         kernel_axes),
             shape, self.param_dtype)
         blocks = self.execution.blocks_for(self.name) if packed else 1
         y = products.project(x, kernel, contract=self.contract, output_major=packed,

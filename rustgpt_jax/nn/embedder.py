@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rustgpt_jax import axes
+from rustgpt_jax.nn.weights import weight
 from rustgpt_jax.runtime import products
 from rustgpt_jax.runtime.execution import Execution
 
@@ -29,8 +30,8 @@ class Embedder(nn.Module):
 
     def setup(self):
         init = nn.initializers.normal(self.init_std)
-        self.token_embedding = self.param(
-            'token_embedding', nn.with_logical_partitioning(init, (axes.VOCAB, axes.EMBED)),
+        self.token_embedding = weight(  # float, or a quantized QArray (runtime.products)
+            self, 'token_embedding', nn.with_logical_partitioning(init, (axes.VOCAB, axes.EMBED)),
             (self.vocab_size, self.embed_dim), self.param_dtype)
         if self.learned_positions:
             self.position_embedding = self.param(
@@ -38,13 +39,13 @@ class Embedder(nn.Module):
                 nn.with_logical_partitioning(init, (axes.LENGTH, axes.EMBED)),
                 (self.max_seq_len, self.embed_dim), self.param_dtype)
         if not self.tie_embeddings:
-            self.lm_head = self.param(
-                'lm_head', nn.with_logical_partitioning(init, (axes.EMBED, axes.VOCAB)),
+            self.lm_head = weight(
+                self, 'lm_head', nn.with_logical_partitioning(init, (axes.EMBED, axes.VOCAB)),
                 (self.embed_dim, self.vocab_size), self.param_dtype)
 
     def encode(self, tokens, positions):
         """Args: tokens (B, T) int32; positions (B, T) int32. Returns (B, T, D)."""
-        x = jnp.take(self.token_embedding, tokens, axis=0)  # (B, T, D)
+        x = products.lookup(self.token_embedding, tokens)  # (B, T, D)
         if self.learned_positions:
             # Padding carries negative positions: clip, the mask hides those tokens anyway.
             pos = jnp.clip(positions, 0, self.max_seq_len - 1)

@@ -36,8 +36,9 @@ class Execution:
         against a model.
       matvec: which product computes float32 decode-step products of at most
         MATVEC_MAX_ROWS rows: packed projections, the output head and the two dots over
-        the KV cache. CPU_GEMV falls back to XLA's dot, with one warning, where the
-        kernel cannot be built.
+        the KV cache; and every product with a quantized weight (`quant.QArray`, any
+        layout). CPU_GEMV falls back to XLA's dot, with one warning, where the kernel
+        cannot be built. Standard-layout float kernels are input-major and keep XLA's dot.
       gemv_threads: threads per cpu_gemv product. None: $RGJ_GEMV_THREADS, else the
         allowed CPUs, at most 8.
       gemv_spin_us: microseconds cpu_gemv's workers spin between products before they
@@ -73,9 +74,6 @@ class Execution:
             if blocks:
                 raise ValueError('Execution.row_blocks applies to packed (output-major) kernels: '
                                  'set packed=True as well')
-            if self.matvec != MatvecImpl.XLA:
-                raise ValueError(f'Execution.matvec={self.matvec.value!r} applies to packed '
-                                 '(output-major) kernels: set packed=True as well')
         for name, least in (('gemv_threads', 1), ('gemv_spin_us', 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < least):

@@ -3,6 +3,9 @@
 
 Layers hold the math (which weights multiply which activations); these functions own
 how: XLA's dot, a row-blocked batched dot, or `native.cpu_gemv`, for the same products.
+A weight may also be a `quant.QArray` (raw GGUF blocks): its products run in the native
+quantized kernel or, where that cannot serve, as XLA's dot of the weight dequantised
+inside the jitted step (`quantized_matmul`).
 Why each form exists and what it measured: benchmarks/RESULTS.md ("decode").
 """
 
@@ -12,6 +15,7 @@ import math
 
 import jax.numpy as jnp
 
+from rustgpt_jax import quant
 from rustgpt_jax.native import cpu_gemv
 from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 
@@ -73,6 +77,13 @@ def project(x, kernel, *, contract: int, output_major: bool, blocks: int, dtype,
       (..., *features) in `dtype`.
     """
     lead = x.shape[:x.ndim - contract]
+    if quant.is_quantized(kernel):
+        # W is (out, in) whatever the layout flag: the logical shape only names the dims.
+        features = kernel.shape[:kernel.ndim - contract] if output_major else kernel.shape[
+            contract:]
+        y = quantized_matmul(x.reshape(lead + (-1,)), kernel, dtype=dtype, execution=execution,
+                             name=name)
+        return y.astype(dtype).reshape(lead + tuple(features))
     if not output_major:
         features = kernel.shape[contract:]
         batch, contracted, out = 'abcdefgh'[:len(lead)], 'ijk'[:contract], 'uvw'[:len(features)]
@@ -114,6 +125,8 @@ def logits(x, table, *, table_output_major: bool, dtype, execution: Execution):
     Returns:
       (B, T, V) float32.
     """
+    if quant.is_quantized(table):  # W is (V, D) for a tied table and a head alike
+        return quantized_matmul(x, table, dtype=dtype, execution=execution, name='logits')
     x = x.astype(dtype)
     rows = math.prod(x.shape[:-1])
     flat = x.reshape(rows, -1)
@@ -124,3 +137,32 @@ def logits(x, table, *, table_output_major: bool, dtype, execution: Execution):
     y = jnp.einsum('BTD,VD->BTV' if table_output_major else 'BTD,DV->BTV', x,
                    table.astype(dtype), preferred_element_type=jnp.float32)
     return y.astype(jnp.float32)
+
+
+def quantized_matmul(x, w: quant.QArray, *, dtype, execution: Execution,
+                     name: str = 'projection'):
+    """y (..., out) = x (..., in) . W^T for a quantized W (out, in), float32.
+
+    Args:
+      x: (..., in) activations.
+      w: the QArray.
+      dtype: compute dtype of the XLA form (the native kernel computes in float32 from
+        int8-quantized activations, as llama.cpp does).
+      execution: `matvec=CPU_GEMV` runs the native quantized kernel where it serves.
+      name: the weight's name, for errors.
+    """
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f'{name}: input has {x.shape[-1]} features; the quantized weight '
+                         f'{w!r} takes {w.in_features}')
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = jnp.einsum('ni,oi->no', x2.astype(dtype), quant.dequantize(w, dtype),
+                   preferred_element_type=jnp.float32)
+    return y.reshape(lead + (w.out_features,))
+
+
+def lookup(table, ids):
+    """Rows `ids` (...) of an embedding table (V, D): (..., D), dequantised if quantized."""
+    if quant.is_quantized(table):
+        return quant.take_rows(table, ids)
+    return jnp.take(table, ids, axis=0)

@@ -18,6 +18,7 @@ import numpy as np
 
 from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.interop.gguf import dequant
+from rustgpt_jax.interop.gguf.quantized import build_quantized_params
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
 
@@ -183,20 +184,25 @@ def _tensor_data(path: str, header: GGUFHeader) -> dict:
 
 
 def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = 'float32',
+              quantized: bool = False,
               **config_overrides) -> tuple[ModelConfig, dict, Optional[GGUFTokenizer]]:
     """Loads a llama-architecture GGUF model.
 
     Args:
       path: the .gguf file.
       max_seq_len: overrides `llama.context_length` (it also sizes the decode KV cache).
-      param_dtype: dtype of the returned params ('float32', 'bfloat16', 'float16'); the
-        config's `param_dtype` is set to it (compute `dtype` too unless overridden).
+      param_dtype: dtype of the returned float params ('float32', 'bfloat16', 'float16');
+        the config's `param_dtype` is set to it (compute `dtype` too unless overridden).
+      quantized: keep every F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K matrix in its encoding, as
+        a `quant.QArray` over the memory-mapped file (`gguf.quantized`); layers are then
+        unrolled (scan_layers=False). False dequantises everything to `param_dtype`.
       **config_overrides: further ModelConfig fields (e.g. attention_impl, scan_layers).
 
     Returns:
       (config, params, tokenizer): params is the plain param tree of
       `arch.transformer.Transformer(config)` in the standard layout (scanned layers
-      stacked on L); tokenizer is a GGUFTokenizer, or None when the file has no vocabulary.
+      stacked on L unless `quantized`); tokenizer is a GGUFTokenizer, or None when the
+      file has no vocabulary.
 
     Raises:
       GGUFError (a ValueError): for any malformed, hostile or unsupported file, naming the
@@ -209,6 +215,8 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
         raise GGUFError(f'cannot open: {e}', path=path) from None
     header = read_header(buf, path)
     overrides = dict(param_dtype=param_dtype, dtype=param_dtype, **config_overrides)
+    if quantized:
+        overrides['scan_layers'] = False
     if max_seq_len is not None:
         overrides['max_seq_len'] = max_seq_len
     config = config_from_metadata(header, **overrides)
@@ -235,8 +243,10 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
                         else 'missing tensor', missing[0], header.data_offset, path)
     if 'output.weight' not in infos and not config.tie_embeddings:
         config = config.replace(tie_embeddings=True)
-    raw = _tensor_data(path, header)
-    params = _build_params(raw, infos, config)
+    if quantized:
+        params = build_quantized_params(buf, header, infos, config, unpermute_qk)
+    else:
+        params = _build_params(_tensor_data(path, header), infos, config)
     return config, params, tokenizer
 
 

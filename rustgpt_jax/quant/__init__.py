@@ -1,0 +1,12 @@
+"""Quantized weights that stay in their GGUF block encodings (`QArray`), and their
+float values computed inside a jitted step (`dequantize`, `take_rows`).
+
+How a product with a `QArray` runs (native kernel or XLA) is `runtime.products`'
+business; this package only says what the blocks mean.
+"""
+
+from rustgpt_jax.quant.formats import BLOCK_TYPES, block_size, row_bytes, type_name
+from rustgpt_jax.quant.qarray import QArray, dequantize, is_quantized, take_rows
+
+__all__ = ['BLOCK_TYPES', 'QArray', 'block_size', 'dequantize', 'is_quantized', 'row_bytes',
+           'take_rows', 'type_name']

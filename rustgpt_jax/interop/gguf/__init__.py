@@ -1,6 +1,6 @@
 """GGUF import/export (SPEC §6): llama-architecture models and their tokenizers.
 
-`load_gguf(path) -> (config, params, tokenizer)` reads F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q6_K
+`load_gguf(path) -> (config, params, tokenizer)` reads F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K
 files (validated before use: hostile files raise `GGUFError`); `save_gguf(path, config,
 params, tokenizer, ftype=...)` writes a file llama.cpp runs.
 """

@@ -20,6 +20,7 @@ from rustgpt_jax.config import ModelConfig
 from rustgpt_jax.interop.gguf import dequant
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
+from rustgpt_jax.interop.gguf.validate import check_tensors
 
 ARCH = 'llama'
 GGUF_TO_HF = {
@@ -183,6 +184,7 @@ def _tensor_data(path: str, header: GGUFHeader) -> dict:
 
 
 def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = 'float32',
+              validate: bool = False,
               **config_overrides) -> tuple[ModelConfig, dict, Optional[GGUFTokenizer]]:
     """Loads a llama-architecture GGUF model.
 
@@ -191,6 +193,9 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
       max_seq_len: overrides `llama.context_length` (it also sizes the decode KV cache).
       param_dtype: dtype of the returned params ('float32', 'bfloat16', 'float16'); the
         config's `param_dtype` is set to it (compute `dtype` too unless overridden).
+      validate: also scan every tensor's data first, like llama.cpp's check_tensors:
+        NaN/inf block scales and values raise GGUFError naming the tensor (see
+        `validate.py`; ~0.1 s per GB in the page cache).
       **config_overrides: further ModelConfig fields (e.g. attention_impl, scan_layers).
 
     Returns:
@@ -235,6 +240,8 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
                         else 'missing tensor', missing[0], header.data_offset, path)
     if 'output.weight' not in infos and not config.tie_embeddings:
         config = config.replace(tie_embeddings=True)
+    if validate:
+        check_tensors(buf, header)
     raw = _tensor_data(path, header)
     params = _build_params(raw, infos, config)
     return config, params, tokenizer

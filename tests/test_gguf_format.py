@@ -78,13 +78,13 @@ def test_dequantize_matches_gguf_package(qtype):
     assert np.abs(ours - x).max() <= bound * np.abs(x).max()
 
 
-@pytest.mark.parametrize('qtype', [T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize('qtype', [T.Q4_K, T.Q5_K, T.Q6_K])
 def test_dequantize_k_quants_random_blocks(qtype):
     """gguf has no K-quant quantizer: random raw blocks with finite f16 scales."""
     rng = np.random.default_rng(2)
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(5 * 3, size), dtype=np.uint8)
-    for pos in ((0, 2) if qtype == T.Q4_K else (208,)):
+    for pos in ((208,) if qtype == T.Q6_K else (0, 2)):  # f16 d (and dmin)
         scale = rng.uniform(-2, 2, raw.shape[0]).astype('<f2')
         raw[:, pos:pos + 2] = scale.view(np.uint8).reshape(-1, 2)
     raw = raw.reshape(5, 3 * size)
@@ -97,8 +97,8 @@ def test_dequantize_k_quants_random_blocks(qtype):
 def test_dequantize_rejects_bad_sizes_and_types():
     with pytest.raises(ValueError, match='needs 68 bytes'):
         dequantize(np.zeros(67, np.uint8), T.Q8_0, (2, 32))
-    with pytest.raises(ValueError, match='Q5_K is not supported'):
-        dequantize(np.zeros(176, np.uint8), T.Q5_K, (256,))
+    with pytest.raises(ValueError, match='Q2_K is not supported'):
+        dequantize(np.zeros(84, np.uint8), T.Q2_K, (256,))
 
 
 def test_qk_permutation_is_llama_cpp_interleave():

@@ -8,6 +8,8 @@ then whole-array bit operations), following ggml-quants.c `dequantize_row_*`:
                                                     y[j + 16] = d * (hi(q[j]) - 8)
   Q4_K: 144 B per 256 = f16 d | f16 dmin | 12 B of 6-bit (scale, min) x 8 | 128 B nibbles;
         y = d * sc[s] * q - dmin * m[s] for 8 sub-blocks s of 32
+  Q5_K: 176 B per 256 = f16 d | f16 dmin | 12 B scales (as Q4_K) | 32 B qh | 128 B nibbles;
+        as Q4_K with q = nibble + 16 * (bit s of qh[l]), so q in 0..31
   Q6_K: 210 B per 256 = 128 B low nibbles | 64 B high 2-bit pairs | 16 x int8 scale | f16 d;
         y = d * sc[s] * (q - 32) for 16 sub-blocks s of 16
 """
@@ -18,7 +20,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
-SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K)
+SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -63,6 +65,19 @@ def _q4_k(blocks):
     return y.reshape(n, 256)
 
 
+def _q5_k(blocks):
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # (n, 1)
+    sc, m = _k_scale_min(blocks[:, 4:16])  # (n, 8)
+    qh = blocks[:, 16:48].reshape(n, 1, 32)  # bit s of qh[l] is the 5th bit of value l of s
+    qs = blocks[:, 48:].reshape(n, 4, 1, 32)  # nibbles laid out as in Q4_K
+    lo = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)  # sub-block s = 2c + hi
+    hi = (qh >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (n, 8, 32)
+    q = (lo | (hi << 4)).astype(np.float32)
+    y = (d * sc)[:, :, None] * q - (dmin * m)[:, :, None]
+    return y.reshape(n, 256)
+
+
 def _q6_k(blocks):
     n = blocks.shape[0]
     ql = blocks[:, :128].reshape(n, 2, 2, 32)  # (half, ql[0:32] | ql[32:64], l)
@@ -79,7 +94,8 @@ def _q6_k(blocks):
     return (d[:, :, :, None] * sc[:, :, :, None] * q).reshape(n, 256)
 
 
-_BLOCK_DECODERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_K: _q4_k, T.Q6_K: _q6_k}
+_BLOCK_DECODERS = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_K: _q4_k, T.Q5_K: _q5_k,
+                   T.Q6_K: _q6_k}
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple) -> np.ndarray:

@@ -21,6 +21,7 @@ from rustgpt_jax.interop.gguf import dequant
 from rustgpt_jax.interop.gguf.quantized import build_quantized_params
 from rustgpt_jax.interop.gguf.reader import GGUFError, GGUFHeader, read_header
 from rustgpt_jax.interop.gguf.tokenizer import GGUFTokenizer
+from rustgpt_jax.interop.gguf.validate import check_tensors
 
 ARCH = 'llama'
 GGUF_TO_HF = {
@@ -184,7 +185,7 @@ def _tensor_data(path: str, header: GGUFHeader) -> dict:
 
 
 def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = 'float32',
-              quantized: bool = False,
+              quantized: bool = False, validate: bool = False,
               **config_overrides) -> tuple[ModelConfig, dict, Optional[GGUFTokenizer]]:
     """Loads a llama-architecture GGUF model.
 
@@ -196,6 +197,9 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
       quantized: keep every F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K matrix in its encoding, as
         a `quant.QArray` over the memory-mapped file (`gguf.quantized`); layers are then
         unrolled (scan_layers=False). False dequantises everything to `param_dtype`.
+      validate: also scan every tensor's data first, like llama.cpp's check_tensors:
+        NaN/inf block scales and values raise GGUFError naming the tensor (see
+        `validate.py`; ~0.1 s per GB in the page cache).
       **config_overrides: further ModelConfig fields (e.g. attention_impl, scan_layers).
 
     Returns:
@@ -243,6 +247,8 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
                         else 'missing tensor', missing[0], header.data_offset, path)
     if 'output.weight' not in infos and not config.tie_embeddings:
         config = config.replace(tie_embeddings=True)
+    if validate:
+        check_tensors(buf, header)
     if quantized:
         params = build_quantized_params(buf, header, infos, config, unpermute_qk)
     else:

@@ -43,6 +43,7 @@ from rustgpt_jax.decoding.streaming import TextStreamer, stream, truncate_at_sto
 from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
 from rustgpt_jax.interop.gguf import load_gguf
 from rustgpt_jax.interop.hf import load_pretrained
+from rustgpt_jax.native import cpu_gemv
 from rustgpt_jax.training.checkpoint import load_for_inference
 
 CHAT_STOP = ('\nUser:',)  # a chat answer ends where the model starts the next turn
@@ -53,15 +54,30 @@ def load_checkpoint(directory: str, which: str = 'best'):
     return load_for_inference(directory, which=which)
 
 
-def load_gguf_model(path: str, context: Optional[int] = None):
-    """(config, params, tokenizer) of a llama GGUF file; `context` sizes the KV cache."""
-    return load_gguf(path, max_seq_len=context)
+def load_gguf_model(path: str, context: Optional[int] = None, quantized: bool = True):
+    """(config, params, tokenizer) of a llama GGUF file; `context` sizes the KV cache.
+
+    Weights stay in their encodings (`quant.QArray`) unless `quantized` is False, which
+    dequantises them to float32 as `--dequantize` asks.
+    """
+    return load_gguf(path, max_seq_len=context, quantized=quantized)
+
+
+def enable_compilation_cache() -> None:
+    """Turns on JAX's persistent compilation cache (under the kernel cache directory,
+    `native.cpu_gemv.cache_dir()`), so a second run of a CLI does not compile its steps
+    again. A cache directory the user configured (JAX_COMPILATION_CACHE_DIR) wins."""
+    if jax.config.jax_compilation_cache_dir is None:
+        jax.config.update('jax_compilation_cache_dir', str(cpu_gemv.cache_dir() / 'jax'))
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def _load(args):
     """The model the flags name: --gguf FILE, --hf DIR or --checkpoint DIR."""
+    if args.dequantize and not args.gguf:
+        raise cli_errors.UserError('--dequantize applies to --gguf files only')
     if args.gguf:
-        return load_gguf_model(args.gguf, args.context)
+        return load_gguf_model(args.gguf, args.context, quantized=not args.dequantize)
     if args.hf:
         return load_pretrained(args.hf, **({} if args.context is None else
                                            {'max_seq_len': args.context}))
@@ -70,6 +86,7 @@ def _load(args):
 
 def _session(args, err: TextIO) -> 'Session':
     """The Session of the flags' model; pretrained models put BOS first as trained."""
+    enable_compilation_cache()
     config, params, tokenizer = _load(args)
     add_bos = bool(args.gguf) or bool(args.hf and tokenizer.add_bos)
     return Session(config, params, tokenizer, err=err, add_bos=add_bos)
@@ -165,6 +182,9 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--gguf', help='a llama-architecture GGUF file (e.g. TinyLlama)')
     source.add_argument('--hf', help='a Hugging Face Llama/Mistral model directory')
     parser.add_argument('--which', choices=('best', 'latest'), default='best')
+    parser.add_argument('--dequantize', action='store_true',
+                        help='--gguf: dequantise the weights to float32 instead of running '
+                             'them in their GGUF encodings (Q8_0, Q4_K, ...)')
     parser.add_argument('--context', type=cli_errors.positive_int, default=None,
                         help='--gguf / --hf: context length / KV-cache size (default: the '
                              "model's)")

@@ -48,6 +48,40 @@ def _device(array: np.ndarray):
     return jax.device_put(array)  # aliases `array` on CPU when aligned (see module doc)
 
 
+def _matrices(config: ModelConfig) -> list:
+    """(our path, GGUF name, logical shape, contracted dims, q/k heads) of every matrix.
+
+    The logical shape is our kernel's (input-major, contracted dims first), except the
+    (V, D) embedding table (contracted dims 0: it is W itself). q and k rows are in
+    llama.cpp's RoPE order in the file (`unpermute_qk` with that many heads).
+    """
+    d, f, v = config.embed_dim, config.hidden_dim, config.vocab_size
+    n, k, h = config.num_heads, config.num_kv_heads, config.effective_head_dim
+    out = [(('embedder', 'token_embedding'), 'token_embd.weight', (v, d), 0, 0)]
+    if not config.tie_embeddings:
+        out.append((('embedder', 'lm_head'), 'output.weight', (d, v), 1, 0))
+    for i in range(config.num_layers):
+        layer, b = f'layer_{i}', f'blk.{i}.'
+        out += [((layer, 'attention', 'q_proj', 'kernel'), b + 'attn_q.weight', (d, n, h), 1, n),
+                ((layer, 'attention', 'k_proj', 'kernel'), b + 'attn_k.weight', (d, k, h), 1, k),
+                ((layer, 'attention', 'v_proj', 'kernel'), b + 'attn_v.weight', (d, k, h), 1, 0),
+                ((layer, 'attention', 'o_proj', 'kernel'), b + 'attn_output.weight', (n, h, d),
+                 2, 0),
+                ((layer, 'ffn', 'w1', 'kernel'), b + 'ffn_gate.weight', (d, f), 1, 0),
+                ((layer, 'ffn', 'w3', 'kernel'), b + 'ffn_up.weight', (d, f), 1, 0),
+                ((layer, 'ffn', 'w2', 'kernel'), b + 'ffn_down.weight', (f, d), 1, 0)]
+    return out
+
+
+def _vectors(config: ModelConfig) -> list:
+    """(our path, GGUF name) of every norm scale."""
+    out = [(('final_norm', 'scale'), 'output_norm.weight')]
+    for i in range(config.num_layers):
+        out += [((f'layer_{i}', 'attn_norm', 'scale'), f'blk.{i}.attn_norm.weight'),
+                ((f'layer_{i}', 'ffn_norm', 'scale'), f'blk.{i}.ffn_norm.weight')]
+    return out
+
+
 def build_quantized_params(buf: np.ndarray, header: GGUFHeader, infos: dict,
                            config: ModelConfig, unpermute_qk) -> dict:
     """Params of `Transformer(config)` (scan_layers=False) over the file's own blocks.
@@ -58,50 +92,66 @@ def build_quantized_params(buf: np.ndarray, header: GGUFHeader, infos: dict,
       config: the model (scan_layers False).
       unpermute_qk: loader.unpermute_qk (llama.cpp q/k rows -> HF rotate-half rows).
     """
-    d, f = config.embed_dim, config.hidden_dim
-    n, k, h = config.num_heads, config.num_kv_heads, config.effective_head_dim
     dtype = config.params_dtype
-
-    def matrix(name: str, logical: tuple, heads: int = 0, table: bool = False):
-        """W (out, in) of `name` as a weight of `logical` shape: a QArray, or for F32 the
-        float kernel (input-major, W.T reshaped; an embedding `table` is W itself)."""
+    params: dict = {}
+    for path, name, logical, contract, heads in _matrices(config):
+        if name == 'output.weight' and name not in infos:
+            name = 'token_embd.weight'  # an untied model whose file shares the table
         info = infos[name]
-        rows = info.shape[0]
+        raw = _raw(buf, header, info, info.shape[0])
         if info.ggml_type not in BLOCK_TYPES:  # F32: a float kernel in our layout
-            w = dequant.dequantize(_raw(buf, header, info, rows), info.ggml_type, info.shape)
-            if heads:
-                w = unpermute_qk(w, heads)
-            return jax.numpy.asarray(w if table else w.T.reshape(logical), dtype)
-        raw = _raw(buf, header, info, rows)
-        if heads:
-            permuted = _aligned_empty(raw.size).reshape(raw.shape)
-            np.copyto(permuted, unpermute_qk(raw, heads))
-            raw = permuted
-        return QArray(_device(raw), info.ggml_type, logical)
-
-    def vector(name: str):
+            w = dequant.dequantize(raw, info.ggml_type, info.shape)  # W (out, in)
+            w = unpermute_qk(w, heads) if heads else w
+            value = jax.numpy.asarray(w.T.reshape(logical) if contract else w, dtype)
+        else:
+            if heads:  # whole rows move, so the blocks are untouched
+                permuted = _aligned_empty(raw.size).reshape(raw.shape)
+                np.copyto(permuted, unpermute_qk(raw, heads))
+                raw = permuted
+            value = QArray(_device(raw), info.ggml_type, logical)
+        _set(params, path, value)
+    for path, name in _vectors(config):
         info = infos[name]
         w = dequant.dequantize(_raw(buf, header, info, 1), info.ggml_type, info.shape)
-        return jax.numpy.asarray(w, dtype)
-
-    params = {'embedder': {'token_embedding': matrix('token_embd.weight', (config.vocab_size, d),
-                                                       table=True)},
-              'final_norm': {'scale': vector('output_norm.weight')}}
-    if not config.tie_embeddings:
-        head = 'output.weight' if 'output.weight' in infos else 'token_embd.weight'
-        params['embedder']['lm_head'] = matrix(head, (d, config.vocab_size))
-    for i in range(config.num_layers):
-        b = f'blk.{i}.'
-        params[f'layer_{i}'] = {
-            'attention': {
-                'q_proj': {'kernel': matrix(b + 'attn_q.weight', (d, n, h), heads=n)},
-                'k_proj': {'kernel': matrix(b + 'attn_k.weight', (d, k, h), heads=k)},
-                'v_proj': {'kernel': matrix(b + 'attn_v.weight', (d, k, h))},
-                'o_proj': {'kernel': matrix(b + 'attn_output.weight', (n, h, d))}},
-            'ffn': {'w1': {'kernel': matrix(b + 'ffn_gate.weight', (d, f))},
-                    'w3': {'kernel': matrix(b + 'ffn_up.weight', (d, f))},
-                    'w2': {'kernel': matrix(b + 'ffn_down.weight', (f, d))}},
-            'attn_norm': {'scale': vector(b + 'attn_norm.weight')},
-            'ffn_norm': {'scale': vector(b + 'ffn_norm.weight')}}
+        _set(params, path, jax.numpy.asarray(w, dtype))
     return params
 
+
+def export_tensors(params: dict, config: ModelConfig, encode, permute_qk) -> list:
+    """[(GGUF name, data, raw ggml type or None)] of unrolled params holding QArrays.
+
+    The inverse of `build_quantized_params`: a QArray's blocks are written as they are
+    (bit-identical to the file it came from); float leaves go through `encode(name, W)`
+    (the writer's ftype encoding of W (out, in)), norm scales stay F32.
+    """
+    out = []
+    for path, name, logical, contract, heads in _matrices(config):
+        leaf = _get(params, path, name)
+        if isinstance(leaf, QArray):
+            if leaf.shape != logical:
+                raise ValueError(f'save_gguf: {"/".join(path)} has shape {leaf.shape}, the '
+                                 f'config gives {logical}')
+            rows = np.asarray(leaf.blocks)
+            out.append((name, permute_qk(rows, heads) if heads else rows, leaf.ggml_type))
+            continue
+        w = np.asarray(leaf, np.float32)
+        w = w.reshape(int(np.prod(logical[:contract])), -1).T if contract else w
+        out.append((name, *encode(name, permute_qk(w, heads) if heads else w)))
+    for path, name in _vectors(config):
+        out.append((name, np.asarray(_get(params, path, name), np.float32), None))
+    return out
+
+
+def _get(tree: dict, path: tuple, name: str):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            raise ValueError(f'save_gguf: the params have no {"/".join(path)} (for {name}); '
+                             f'quantized params are unrolled (layer_0, layer_1, ...)')
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

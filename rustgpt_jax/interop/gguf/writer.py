@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import warnings
 
+import flax
 import gguf
+import jax
 import numpy as np
 
 from rustgpt_jax.config import (
@@ -26,6 +28,7 @@ from rustgpt_jax.config import (
 )
 from rustgpt_jax.data.instructions import chat_template_of
 from rustgpt_jax.interop.gguf.loader import ARCH, GGUF_TO_HF, LAYER_TO_HF, permute_qk
+from rustgpt_jax.interop.gguf.quantized import export_tensors
 from rustgpt_jax.interop.gguf.tokenizer import (
     CONTROL,
     NORMAL,
@@ -35,6 +38,7 @@ from rustgpt_jax.interop.gguf.tokenizer import (
     GGUFTokenizer,
 )
 from rustgpt_jax.interop.hf import params_to_hf
+from rustgpt_jax.quant import QArray
 
 # name -> (GGMLQuantizationType name, LlamaFileType value)
 FILE_TYPES = {'f32': ('F32', 0), 'f16': ('F16', 1), 'bf16': ('BF16', 32), 'q8_0': ('Q8_0', 7),
@@ -177,7 +181,9 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
     Args:
       path: output file.
       config: a llama.cpp-compatible ModelConfig (see `check_llama_compatible`).
-      params: the model's param tree (boxed or plain; scanned or per-layer).
+      params: the model's param tree (boxed or plain; scanned or per-layer), or the
+        quantized params of `load_gguf(quantized=True)`, whose blocks are written as
+        they are (`ftype` then applies to their float matrices only).
       tokenizer: see `vocab_of`; its vocabulary must fit in `config.vocab_size`.
       ftype: 'f32', 'f16', 'bf16', 'q8_0' or 'q4_0' for the 2-D weights; norms stay F32.
       name: `general.name`.
@@ -193,7 +199,14 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
         raise ValueError(f'save_gguf: ftype {ftype!r} is not one of {sorted(FILE_TYPES)}')
     vocab = vocab_of(tokenizer, config.vocab_size)
     qtype_name, file_type = FILE_TYPES[ftype]
-    hf = params_to_hf(params, config)
+    params = flax.core.meta.unbox(params)
+    encode = lambda name, w: _encode(name, w, qtype_name)
+    if any(isinstance(leaf, QArray) for leaf in jax.tree_util.tree_leaves(
+            params, is_leaf=lambda x: isinstance(x, QArray))):
+        # Quantized params (load_gguf(quantized=True)): blocks are written as they are.
+        tensors = export_tensors(params, config, encode, permute_qk)
+    else:
+        tensors = _float_tensors(params, config, encode)
     writer = gguf.GGUFWriter(os.fspath(path), ARCH)
     writer.add_name(name)
     writer.add_context_length(config.max_seq_len)
@@ -213,21 +226,29 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
     writer.add_file_type(file_type)
     _add_vocab(writer, vocab)
 
-    to_gguf = {hf_name: g for g, hf_name in GGUF_TO_HF.items()}
-    for i in range(config.num_layers):
-        to_gguf.update({f'model.layers.{i}.{hf_part}.weight': f'blk.{i}.{part}.weight'
-                        for part, hf_part in LAYER_TO_HF.items()})
-    if config.tie_embeddings:
-        hf.pop('lm_head.weight')
-    for hf_name, array in hf.items():
-        gguf_name = to_gguf[hf_name]
-        if gguf_name.endswith(('attn_q.weight', 'attn_k.weight')):
-            heads = config.num_heads if 'attn_q' in gguf_name else config.num_kv_heads
-            array = permute_qk(array, heads)
-        data, raw_dtype = _encode(gguf_name, array, qtype_name)
+    for gguf_name, data, raw_dtype in tensors:
         writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return os.fspath(path)
+
+
+def _float_tensors(params, config: ModelConfig, encode) -> list:
+    """[(GGUF name, data, raw ggml type or None)] of float params (any layer layout)."""
+    hf = params_to_hf(params, config)
+    to_gguf = {hf_name: g for g, hf_name in GGUF_TO_HF.items()}
+    for i in range(config.num_layers):
+        to_gguf.update({f'model.layers.{i}.{hf_part}.weight': f'blk.{i}.{part}.weight'
+                        for part, hf_part in LAYER_TO_HF.items()})
+    if config.tie_embeddings:
+        hf.pop('lm_head.weight')
+    tensors = []
+    for hf_name, array in hf.items():
+        gguf_name = to_gguf[hf_name]
+        if gguf_name.endswith(('attn_q.weight', 'attn_k.weight')):
+            heads = config.num_heads if 'attn_q' in gguf_name else config.num_kv_heads
+            array = permute_qk(array, heads)
+        tensors.append((gguf_name, *encode(gguf_name, array)))
+    return tensors

@@ -78,32 +78,6 @@ struct Job {
   void (*rows_fn)(const Job&, int64_t, int64_t);
 };
 
-inline float HalfBitsToFloat(uint16_t h) {
-  // Portable (no F16C needed outside the ISA regions): exact for every half value.
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  const int exponent = (h >> 10) & 31;
-  const uint32_t mantissa = h & 1023;
-  float magnitude;
-  if (exponent == 0) {
-    magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-  } else if (exponent == 31) {
-    magnitude = mantissa ? NAN : INFINITY;
-  } else {
-    magnitude = std::ldexp(static_cast<float>(mantissa | 1024), exponent - 25);
-  }
-  uint32_t bits;
-  std::memcpy(&bits, &magnitude, 4);
-  bits |= sign;
-  std::memcpy(&magnitude, &bits, 4);
-  return magnitude;
-}
-
-inline float HalfToFloat(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return HalfBitsToFloat(h);
-}
-
 }  // namespace
 
 // ---- AVX-512 VNNI: 64 bytes (16 int32 lanes) per step. ----
@@ -127,6 +101,12 @@ struct Simd {
     return n == kLanes ? _mm512_loadu_ps(p)
                        : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
+  // Lane k takes scale k / (sub / 4): sub-blocks of 16 or 32 values.
+  static __m512i SpreadIndex(int64_t sub) {
+    return _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                               14, 15), sub == 16 ? 2 : 3);
+  }
+  static F Spread(F scales, __m512i index) { return _mm512_permutexvar_ps(index, scales); }
   static I LoadBytes(const void* p, int64_t n) {
     return n == kBytes ? _mm512_loadu_si512(p)
                        : _mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p);
@@ -178,6 +158,10 @@ struct Simd {
     std::memcpy(tail, p, n * sizeof(float));
     return _mm256_load_ps(tail);
   }
+  static __m256i SpreadIndex(int64_t sub) {
+    return _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sub == 16 ? 2 : 3);
+  }
+  static F Spread(F scales, __m256i index) { return _mm256_permutevar8x32_ps(scales, index); }
   // Integer blocks are 32 values, so a step is never partial here.
   static I LoadBytes(const void* p, int64_t) {
     return _mm256_loadu_si256(static_cast<const __m256i*>(p));

@@ -5,24 +5,18 @@
 // Why: XLA:CPU shares each such product over its pool threads and resumes the step as a
 // new pool task; on a small VM the other vCPU has usually halted by then, so every
 // product pays a wake-up (benchmarks/RESULTS.md, "decode"). Here the output rows are
-// split between the calling thread and workers that spin briefly between calls
-// (yielding, so XLA's own threads still get the core) before they sleep.
-// Built and loaded by rustgpt_jax/native/cpu_gemv.py; needs AVX-512F. The thread count and
-// spin time are attributes of each call (runtime.Execution), not environment reads.
+// split between the calling thread and the workers of the library's one pool
+// (spin_pool.h), which spin briefly between calls before they sleep.
+// Built and loaded by rustgpt_jax/native/build.py; needs AVX-512F (cpu_gemv.py checks).
+// The thread count and spin time are attributes of each call (runtime.Execution), not
+// environment reads.
 #include <immintrin.h>
-#include <sched.h>
-#include <unistd.h>
 
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "spin_pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -31,144 +25,32 @@ namespace {
 
 constexpr int64_t kMaxRows = 8;  // rows of x; kernels are instantiated for 1..8
 
-// The rows of one product, cut into chunks that the caller and the workers take from a
-// shared ticket: a worker that wakes late finds fewer chunks left (or none) instead of
-// holding the caller up, so the worst case is the caller doing every chunk alone.
+// One product's operands, shared with the pool's workers; chunk `i` is outputs
+// [i % per_matrix * chunk, +chunk) of matrix i / per_matrix.
 struct Job {
-  std::atomic<const float*> x{nullptr}, w{nullptr};
-  std::atomic<float*> y{nullptr};
-  std::atomic<int64_t> nb{0}, in{0}, out{0}, chunk{0}, chunks{0}, per_matrix{0};
-  std::atomic<bool> input_major{false};
+  bool input_major;
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t nb, in, out, chunk, per_matrix;
 };
 
 void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb, int64_t in,
           int64_t out, int64_t r0, int64_t r1);
 
-class SpinPool {
- public:
-  SpinPool(int threads, int64_t spin_us) : n_(threads), spin_us_(spin_us) {
-    for (int i = 1; i < n_; ++i) std::thread([this] { Loop(); }).detach();
-  }
-  int size() const { return n_; }
-
-  // Computes outputs [0, out) of y for each of `batch` matrices with the workers, in
-  // chunks of `chunk` outputs; returns false without computing anything if another call
-  // holds the pool (XLA may run two custom calls at once; the caller then computes alone).
-  bool TryRun(bool input_major, const float* x, const float* w, float* y, int64_t batch,
-              int64_t nb, int64_t in, int64_t out, int64_t chunk) {
-    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
-    if (!busy.owns_lock()) return false;
-    const int64_t per_matrix = (out + chunk - 1) / chunk;
-    const int64_t chunks = batch * per_matrix;
-    job_.per_matrix.store(per_matrix, std::memory_order_relaxed);
-    job_.x.store(x, std::memory_order_relaxed);
-    job_.w.store(w, std::memory_order_relaxed);
-    job_.y.store(y, std::memory_order_relaxed);
-    job_.nb.store(nb, std::memory_order_relaxed);
-    job_.in.store(in, std::memory_order_relaxed);
-    job_.out.store(out, std::memory_order_relaxed);
-    job_.chunk.store(chunk, std::memory_order_relaxed);
-    job_.chunks.store(chunks, std::memory_order_relaxed);
-    job_.input_major.store(input_major, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
-    ticket_.store(gen << 32, std::memory_order_release);  // publishes the job
-    {
-      std::lock_guard<std::mutex> lock(wake_mu_);
-      generation_.store(gen, std::memory_order_release);
-    }
-    wake_cv_.notify_all();
-    TakeChunks();
-    // Chunks a worker took are in flight; yield so it gets the core if it shares ours.
-    while (done_.load(std::memory_order_acquire) != chunks) {
-      _mm_pause();
-      sched_yield();
-    }
-    return true;
-  }
-
- private:
-  // Takes chunks of the current job until none are left.
-  void TakeChunks() {
-    for (;;) {
-      uint64_t ticket = ticket_.load(std::memory_order_acquire);
-      const int64_t index = static_cast<int64_t>(ticket & 0xffffffffu);
-      // Read before the claim: if the claim succeeds, this job is not finished, so no
-      // later job can have overwritten these fields (its caller waits for every chunk).
-      const int64_t chunks = job_.chunks.load(std::memory_order_relaxed);
-      const int64_t chunk = job_.chunk.load(std::memory_order_relaxed);
-      const int64_t out = job_.out.load(std::memory_order_relaxed);
-      const float* x = job_.x.load(std::memory_order_relaxed);
-      const float* w = job_.w.load(std::memory_order_relaxed);
-      float* y = job_.y.load(std::memory_order_relaxed);
-      const int64_t nb = job_.nb.load(std::memory_order_relaxed);
-      const int64_t in = job_.in.load(std::memory_order_relaxed);
-      const bool input_major = job_.input_major.load(std::memory_order_relaxed);
-      const int64_t per_matrix = job_.per_matrix.load(std::memory_order_relaxed);
-      if (index >= chunks) return;
-      if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel))
-        continue;
-      const int64_t matrix = index / per_matrix;
-      const int64_t r0 = index % per_matrix * chunk;
-      const int64_t r1 = r0 + chunk < out ? r0 + chunk : out;
-      Part(input_major, x + matrix * nb * in, w + matrix * in * out, y + matrix * nb * out,
-           nb, in, out, r0, r1);
-      done_.fetch_add(1, std::memory_order_acq_rel);
-    }
-  }
-
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int k = 1; generation_.load(std::memory_order_acquire) == seen; ++k) {
-        // Yield while spinning: a spinner that keeps the core slowed XLA's own pool
-        // thread so much that decoding got slower overall.
-        _mm_pause();
-        sched_yield();
-        if (k % 64 == 0 &&
-            std::chrono::steady_clock::now() - start > std::chrono::microseconds(spin_us_)) {
-          std::unique_lock<std::mutex> lock(wake_mu_);
-          wake_cv_.wait(lock, [&] { return generation_.load() != seen; });
-        }
-      }
-      seen = generation_.load(std::memory_order_acquire);
-      TakeChunks();
-    }
-  }
-
-  const int n_;
-  const int64_t spin_us_;
-  Job job_;
-  std::atomic<uint64_t> ticket_{0};  // (job generation << 32) | next chunk index
-  std::atomic<int64_t> done_{0};     // chunks of the current job finished
-  std::atomic<uint64_t> generation_{0};
-  std::mutex run_mu_;
-  std::mutex wake_mu_;
-  std::condition_variable wake_cv_;
-};
-
-SpinPool& Pool(int64_t threads, int64_t spin_us) {
-  // One pool per (process, settings): a forked child has none of its parent's workers,
-  // so it starts its own pool rather than wait forever on threads that do not exist, and
-  // new settings (`runtime.Execution.gemv_threads / gemv_spin_us`) start a new pool. Old
-  // pools are leaked on purpose (their workers may be parked on them).
-  static std::mutex mu;
-  static SpinPool* pool = nullptr;
-  static pid_t owner = 0;
-  static int64_t pool_threads = 0, pool_spin_us = 0;
-  threads = threads < 1 ? 1 : threads;
-  spin_us = spin_us < 0 ? 0 : spin_us;
-  std::lock_guard<std::mutex> lock(mu);
-  if (pool == nullptr || owner != getpid() || pool_threads != threads ||
-      pool_spin_us != spin_us) {
-    pool = new SpinPool(static_cast<int>(threads), spin_us);
-    owner = getpid();
-    pool_threads = threads;
-    pool_spin_us = spin_us;
-  }
-  return *pool;
+void RunChunk(const void* context, int64_t index) {
+  const Job& j = *static_cast<const Job*>(context);
+  const int64_t matrix = index / j.per_matrix;
+  const int64_t r0 = index % j.per_matrix * j.chunk;
+  const int64_t r1 = r0 + j.chunk < j.out ? r0 + j.chunk : j.out;
+  Part(j.input_major, j.x + matrix * j.nb * j.in, j.w + matrix * j.in * j.out,
+       j.y + matrix * j.nb * j.out, j.nb, j.in, j.out, r0, r1);
 }
+
+// The kernels below need AVX-512F; the library is built without it (the quantized
+// kernels must load on AVX2-only CPUs), and Python only calls these where the CPU has it.
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
 
 // Rows [r0, r1) of y, four weight rows at a time (four streams from memory).
 template <int NB>
@@ -322,6 +204,8 @@ void Part(bool input_major, const float* x, const float* w, float* y, int64_t nb
   });
 }
 
+#pragma GCC pop_options
+
 // y (P, B, out) = x (P, B, in) . W[p] for P independent matrices W (P, out, in)
 // (`input_major` false) or (P, in, out) (true); P is 1 when the operands are 2-D.
 ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -341,7 +225,7 @@ ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  SpinPool& pool = Pool(threads, spin_us);
+  rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
   // About 32 chunks per product: at least 32 rows (whole four-row groups), or 256
   // columns (whole 16-lane vectors); whole matrices when there are several.
   const int64_t unit = input_major ? 16 : 4, least = input_major ? 256 : 32;
@@ -351,8 +235,9 @@ ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
   } else if (chunk < least) {
     chunk = least;
   }
+  const Job job{input_major, xp, wp, yp, nb, in, out, chunk, (out + chunk - 1) / chunk};
   if (pool.size() == 1 || batch * out <= chunk ||
-      !pool.TryRun(input_major, xp, wp, yp, batch, nb, in, out, chunk)) {
+      !pool.TryRun(batch * job.per_matrix, RunChunk, &job)) {
     for (int64_t p = 0; p < batch; ++p)
       Part(input_major, xp + p * nb * in, wp + p * in * out, yp + p * nb * out, nb, in, out, 0,
            out);

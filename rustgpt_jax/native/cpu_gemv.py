@@ -8,9 +8,8 @@ matrix-vector kernel". The kernel cuts the output into chunks that the calling t
 and `threads - 1` workers take from a shared ticket; the workers spin (yielding) for
 `spin_us` microseconds between calls before they sleep.
 
-The shared library is compiled from the shipped source on first use (g++ or `$CXX`,
-about 2 s) into the kernel cache directory, keyed by a hash of the source, the flags,
-the compiler and jax's version. Where it cannot be built or run (not Linux x86-64, no
+The kernel is part of the one native library (native/build.py: compiled on first use,
+cached, shared pool with native.quant_matmul). Where it cannot be built or run (not Linux x86-64, no
 AVX-512F, no compiler, a failed build) `available()` is False, `unavailable_reason()`
 says why, and `runtime.products` falls back to XLA's dot (one warning).
 
@@ -22,15 +21,9 @@ Settings (README, "Settings"): threads, spin and cache directory are explicit ar
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import functools
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -40,15 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rustgpt_jax.native import build as native_build
+
 MAX_ROWS = 8  # rows of x the kernel takes (decode steps up to batch 8)
 TARGET = 'rgj_gemv'  # W output-major (out, in)
 TARGET_INPUT_MAJOR = 'rgj_gemv_input_major'  # W input-major (in, out)
-SOURCE = Path(__file__).with_name('cpu_gemv.cc')
-FLAGS = ('-O3', '-mavx512f', '-mfma', '-std=c++17', '-shared', '-fPIC')
 
 ENV_THREADS = 'RGJ_GEMV_THREADS'
 ENV_SPIN_US = 'RGJ_GEMV_SPIN_US'
-ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
+ENV_CACHE_DIR = native_build.ENV_CACHE_DIR
 DEFAULT_SPIN_US = 1000
 MAX_DEFAULT_THREADS = 8
 
@@ -85,18 +78,11 @@ def spin_setting(spin_us: Optional[int] = None) -> int:
 def cache_dir(directory: Optional[str] = None) -> Path:
     """Where built libraries are kept: `directory`, else $RGJ_CACHE_DIR, else
     ~/.cache/rustgpt_jax."""
-    root = directory or os.environ.get(ENV_CACHE_DIR)
-    if root:
-        return Path(root)
-    base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    return Path(base) / 'rustgpt_jax'
+    return native_build.cache_dir(directory)
 
 
 def _compiler() -> Optional[str]:
-    cxx = os.environ.get('CXX')
-    if cxx:
-        return shutil.which(cxx)
-    return shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+    return native_build.compiler()
 
 
 def _cpu_has_avx512f() -> bool:
@@ -108,49 +94,19 @@ def _cpu_has_avx512f() -> bool:
 
 
 def build(directory: Optional[Path] = None) -> Path:
-    """Compiles cpu_gemv.cc (if not already built) and returns the library's path.
-
-    Concurrent builders (pytest-xdist workers, several processes) wait on a file lock
-    and the library appears by an atomic rename, so none loads a half-written file.
+    """Compiles the native library (native/build.py; if not already built) and returns
+    its path.
 
     Raises:
       RuntimeError: naming the missing compiler or the compiler's own error output.
     """
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError('no C++ compiler found (looked for $CXX, g++, c++, clang++)')
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b'\0'.join([source, ' '.join(FLAGS).encode(), cxx.encode(),
-                                     jax.__version__.encode()])).hexdigest()[:16]
-    directory = Path(directory or cache_dir())
-    directory.mkdir(parents=True, exist_ok=True)
-    library = directory / f'cpu_gemv-{key}.so'
-    with open(directory / f'cpu_gemv-{key}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if library.exists():
-            return library
-        partial = library.with_suffix(f'.{os.getpid()}.tmp')
-        command = [cxx, *FLAGS, '-I', jax.ffi.include_dir(), str(SOURCE), '-o', str(partial),
-                   '-lpthread']
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f'building {SOURCE.name} failed ({" ".join(command)}):\n'
-                               f'{done.stderr.strip()[-2000:]}')
-        os.replace(partial, library)
-    return library
+    return native_build.build(directory)
 
 
 def _load(directory: Optional[str]) -> None:
-    if platform.system() != 'Linux' or platform.machine() not in ('x86_64', 'AMD64'):
-        raise RuntimeError(f'needs Linux on x86-64, not {platform.system()} '
-                           f'{platform.machine()}')
     if not _cpu_has_avx512f():
         raise RuntimeError('this CPU has no AVX-512F')
-    library = ctypes.cdll.LoadLibrary(str(build(cache_dir(directory))))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.RgjGemv), platform='cpu')
-    jax.ffi.register_ffi_target(TARGET_INPUT_MAJOR, jax.ffi.pycapsule(library.RgjGemvInputMajor),
-                                platform='cpu')
+    native_build.load(directory)
 
 
 def available(directory: Optional[str] = None) -> bool:

@@ -1,0 +1,264 @@
+// y (rows, out) = x (rows, in) . W^T with W (out, in) in its raw GGUF block encoding
+// (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), as an XLA FFI custom call.
+//
+// Why: llama.cpp's CPU speed comes from reading the weights once, in their few-bit
+// encoding, and doing the arithmetic in int8: it quantizes each activation row (Q8_0 for
+// Q8_0/Q4_0 weights, Q8_K for the K-quants) and takes integer dot products, scaling per
+// block in float32 (ggml/src/ggml-cpu/arch/x86/quants.c, ggml_vec_dot_*). This file does
+// the same with its own code: quant_core.inc (unpacking, quantizing, the tiled dot) is
+// compiled twice, for AVX-512 VNNI (vpdpbusd) and for AVX2 (vpmaddubsw + vpmaddwd), and
+// the copy is chosen per call with __builtin_cpu_supports, so the library (built without
+// -mavx512f) loads on AVX2-only CPUs. F16/BF16 weights are widened to float32 in
+// registers and multiplied with the float32 activations.
+//
+// Output rows are shared between the calling thread and the library's one worker pool
+// (spin_pool.h) in chunks of whole four-row groups. Built by rustgpt_jax/native/build.py,
+// called by rustgpt_jax/native/quant_matmul.py.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "spin_pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// gguf.GGMLQuantizationType values.
+enum GgmlType : int64_t {
+  kF16 = 1, kQ4_0 = 2, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30
+};
+
+// Values and bytes per block, and the sub-block size of the unpacked form (the span of
+// one weight scale; quant_core.inc).
+struct Format {
+  int64_t values, bytes, sub;
+};
+
+bool FormatOf(int64_t type, Format* f) {
+  switch (type) {
+    case kF16: case kBF16: *f = {1, 2, 1}; return true;
+    case kQ8_0: *f = {32, 34, 32}; return true;
+    case kQ4_0: *f = {32, 18, 32}; return true;
+    case kQ4_K: *f = {256, 144, 32}; return true;
+    case kQ5_K: *f = {256, 176, 32}; return true;
+    case kQ6_K: *f = {256, 210, 16}; return true;
+    default: return false;
+  }
+}
+
+// Which copy of quant_core.inc runs (the `isa` attribute; 0 picks the best).
+enum Isa : int64_t { kBestIsa = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+
+Isa BestIsa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return kAvx2;
+  return kBestIsa;  // neither: the library loads, the handler refuses
+}
+
+struct Job {
+  int64_t type, rows, in, out, row_bytes, n_sub;
+  const float* x;     // (rows, in)
+  const uint8_t* w;   // (out, row_bytes)
+  const int8_t* q;    // (rows, in) quantized x
+  const float* d;     // (rows, in / 4) x's block scale per int32 lane
+  const float* sums;  // (rows, n_sub) d * sum(q) per weight sub-block
+  float* y;           // (rows, out)
+  int64_t chunk;      // weight rows per pool chunk
+  void (*rows_fn)(const Job&, int64_t, int64_t);
+};
+
+}  // namespace
+
+// ---- AVX-512 VNNI: 64 bytes (16 int32 lanes) per step. ----
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+namespace avx512 {
+namespace {
+
+struct Simd {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr bool kVnni = true;
+  static constexpr int64_t kBytes = 64, kLanes = 16;
+  static constexpr int kTile = 4;  // activation rows per tile: 4 x 4 accumulators
+  static F Zero() { return _mm512_setzero_ps(); }
+  static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static float Sum(F a) { return _mm512_reduce_add_ps(a); }
+  static F ToFloat(I a) { return _mm512_cvtepi32_ps(a); }
+  static F LoadF(const float* p, int64_t n = kLanes) {
+    return n == kLanes ? _mm512_loadu_ps(p)
+                       : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  // Lane k takes scale k / (sub / 4): sub-blocks of 16 or 32 values.
+  static __m512i SpreadIndex(int64_t sub) {
+    return _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                               14, 15), sub == 16 ? 2 : 3);
+  }
+  static F Spread(F scales, __m512i index) { return _mm512_permutexvar_ps(index, scales); }
+  static I LoadBytes(const void* p, int64_t n) {
+    return n == kBytes ? _mm512_loadu_si512(p)
+                       : _mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p);
+  }
+  // Unsigned weight bytes times signed activation bytes, four per int32 lane.
+  template <bool kSigned>
+  static I Dot(I u, I q) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q); }
+  template <bool kBf16>
+  static F LoadHalf(const uint16_t* p, int64_t n) {
+    const __m256i h = n == kLanes
+                          ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                          : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    if (kBf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+  }
+};
+
+#include "quant_core.inc"
+
+}  // namespace
+}  // namespace avx512
+#pragma GCC pop_options
+
+// ---- AVX2: 32 bytes (8 int32 lanes) per step. ----
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+namespace {
+
+struct Simd {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr bool kVnni = false;
+  static constexpr int64_t kBytes = 32, kLanes = 8;
+  static constexpr int kTile = 2;  // 16 registers: 4 x 2 accumulators
+  static F Zero() { return _mm256_setzero_ps(); }
+  static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static float Sum(F a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static F ToFloat(I a) { return _mm256_cvtepi32_ps(a); }
+  static F LoadF(const float* p, int64_t n = kLanes) {
+    if (n == kLanes) return _mm256_loadu_ps(p);
+    alignas(32) float tail[kLanes] = {};
+    std::memcpy(tail, p, n * sizeof(float));
+    return _mm256_load_ps(tail);
+  }
+  static __m256i SpreadIndex(int64_t sub) {
+    return _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sub == 16 ? 2 : 3);
+  }
+  static F Spread(F scales, __m256i index) { return _mm256_permutevar8x32_ps(scales, index); }
+  // Integer blocks are 32 values, so a step is never partial here.
+  static I LoadBytes(const void* p, int64_t) {
+    return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  }
+  // maddubs takes unsigned x signed bytes and saturates pairs at int16: unsigned weights
+  // of at most 6 bits are safe; signed ones (Q8_0) go through the sign trick |w| * sgn(w)q.
+  template <bool kSigned>
+  static I Dot(I w, I q) {
+    const __m256i pairs = kSigned ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
+                                                         _mm256_sign_epi8(q, w))
+                                  : _mm256_maddubs_epi16(w, q);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  }
+  template <bool kBf16>
+  static F LoadHalf(const uint16_t* p, int64_t n) {
+    alignas(16) uint16_t tail[kLanes] = {};
+    if (n != kLanes) {
+      std::memcpy(tail, p, n * sizeof(uint16_t));
+      p = tail;
+    }
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if (kBf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+};
+
+#include "quant_core.inc"
+
+}  // namespace
+}  // namespace avx2
+#pragma GCC pop_options
+
+namespace {
+
+void RunChunk(const void* context, int64_t index) {
+  const Job& job = *static_cast<const Job*>(context);
+  const int64_t r0 = index * job.chunk;
+  job.rows_fn(job, r0, r0 + job.chunk < job.out ? r0 + job.chunk : job.out);
+}
+
+ffi::Error QuantMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t ggml_type, int64_t threads,
+                       int64_t spin_us, int64_t isa) {
+  Format f;
+  if (!FormatOf(ggml_type, &f))
+    return ffi::Error::InvalidArgument("rgj_quant_matmul: unsupported ggml type");
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("rgj_quant_matmul: x and blocks must be 2-D");
+  const int64_t rows = xd[0], in = xd[1], out = wd[0], row_bytes = wd[1];
+  if (row_bytes % f.bytes != 0 || row_bytes / f.bytes * f.values != in)
+    return ffi::Error::InvalidArgument("rgj_quant_matmul: blocks' row bytes do not hold x's in");
+  const Isa best = BestIsa();
+  if (isa == kBestIsa) isa = best;
+  if (best == kBestIsa || (isa == kAvx512Vnni && best != kAvx512Vnni))
+    return ffi::Error::InvalidArgument("rgj_quant_matmul: this CPU lacks the requested ISA");
+  if (rows == 0 || out == 0) return ffi::Error::Success();
+
+  Job job{ggml_type, rows, in, out, row_bytes, in / f.sub, x.typed_data(), w.typed_data(),
+          nullptr, nullptr, nullptr, y->typed_data(), 0, nullptr};
+  // The caller quantizes x once for every chunk; workers only read it.
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d, sums;
+  q.resize(rows * in);
+  d.resize(rows * in / 4 + 1);
+  sums.resize(rows * job.n_sub);
+  job.q = q.data();
+  job.d = d.data();
+  job.sums = sums.data();
+  if (isa == kAvx512Vnni) {
+    avx512::Quantize(job, q.data(), d.data(), sums.data());
+    job.rows_fn = avx512::Rows;
+  } else {
+    avx2::Quantize(job, q.data(), d.data(), sums.data());
+    job.rows_fn = avx2::Rows;
+  }
+  // About 32 chunks of whole four-row groups, at least 8 rows each.
+  int64_t chunk = ((out + 31) / 32 + 3) / 4 * 4;
+  job.chunk = chunk < 8 ? 8 : chunk;
+  rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
+  if (pool.size() == 1 || out <= job.chunk ||
+      !pool.TryRun((out + job.chunk - 1) / job.chunk, RunChunk, &job))
+    job.rows_fn(job, 0, out);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" int RgjQuantBestIsa() { return static_cast<int>(BestIsa()); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjQuantMatmul, QuantMatmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ggml_type")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("spin_us")
+                                  .Attr<int64_t>("isa"));

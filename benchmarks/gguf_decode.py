@@ -1,34 +1,36 @@
-"""GGUF load time and batch-1 decode tokens/s: rustgpt_jax vs llama.cpp vs the bandwidth bound.
+"""GGUF files as people download them: rustgpt_jax's quantized runtime vs llama.cpp.
 
-Writes a TinyLlama-shaped (1.1B) random-weight GGUF per file type (F32, F16), then for
-each file measures
-  - load_gguf wall time and llama.cpp's `Llama(...)` load time,
-  - greedy batch-1 decode tokens/s: our jitted one-token `Transformer.apply(decode=True)`
-    step against `Llama.eval([token])` with the same thread count,
-  - the memory-bandwidth bound: weight bytes read per token / measured copy bandwidth.
-Our params are float32 whatever the file type (load_gguf dequantises), so the F16 row
-compares llama.cpp reading 2-byte weights with us reading 4-byte ones.
-
-With --wakeup_latency_us N both sides run while this process holds a CPU wake-up latency
-request (`decoding.wakeup`, Linux PM QoS, needs root; see decode_speed.py).
+Writes a TinyLlama-shaped (1.1B) random-weight F32 GGUF with `save_gguf`, has llama.cpp's
+own quantizer (`llama_cpp.llama_model_quantize`) make the F16 / Q8_0 / Q4_0 / Q4_K_M
+files, and for each measures, beside llama.cpp in the same run and with the same threads:
+  - load: `load_gguf(quantized=True)` until the params are device arrays, against
+    `Llama(...)`; time to the first token (compilation included) on its own line;
+  - prompt processing: a 128-token prompt into the KV cache, tokens/s;
+  - batch-1 greedy decode tokens/s, and the bound (weight bytes per token / copy bandwidth);
+  - peak RSS (VmHWM) of a fresh process that loads the file and decodes 32 tokens.
+Ours runs in a fresh subprocess per file (`--worker`), so every process starts cold and
+its VmHWM is its own. JAX's compilation cache is off in the worker (first_token_s counts
+the compile).
 
 Usage: python benchmarks/gguf_decode.py [--small] [--threads 2] [--steps 32]
-       [--wakeup_latency_us 0]
-(the full size needs ~15 GB RAM for F32: 4.4 GB file, params and the writer's copy).
+       [--ftypes f16,q8_0,q4_0,q4_k_m] [--json PATH] [--dir DIR]
+(the full size writes a 4.4 GB F32 file first; --dir picks where).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import machine  # benchmarks/machine.py
 import numpy as np
+
+LLAMA_FTYPES = {'f16': 1, 'q8_0': 7, 'q4_0': 2, 'q4_k_m': 15, 'q5_k_m': 17, 'q6_k': 18}
 
 
 def _random_params(config, seed=0):
@@ -71,7 +73,16 @@ def weight_bytes_per_token(path: str) -> int:
     return total
 
 
-def ours(path: str, steps: int) -> dict:
+def _vm_hwm_bytes() -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def worker(path: str, steps: int, prompt_len: int) -> dict:
+    """Ours, in this (fresh) process: load, prompt, decode, peak RSS."""
     import jax
     import jax.numpy as jnp
 
@@ -79,108 +90,155 @@ def ours(path: str, steps: int) -> dict:
     from rustgpt_jax.interop.gguf import load_gguf
 
     t = time.perf_counter()
-    config, params, _ = load_gguf(path, max_seq_len=steps + 8)
-    # The decode form `rustgpt-generate --gguf` uses (decoding.prepare_for_decode):
-    # unrolled layers (the scanned stack slices every layer's weights out of the stacked
-    # arrays per token) and packed projections (nn.packing).
-    decode_form = prepare_for_decode(config, params)
-    params = jax.block_until_ready(jax.device_put(decode_form.params))  # usable device arrays
+    config, params, _ = load_gguf(path, max_seq_len=prompt_len + steps + 8, quantized=True)
+    form = prepare_for_decode(config, params)  # what rustgpt-generate --gguf runs
+    params = jax.block_until_ready(jax.device_put(form.params))
     load_s = time.perf_counter() - t
-    model = decode_form.model
+    model = form.model
     one = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), one, decode=True))['cache']
-    cache = jax.tree_util.tree_map_with_path(
+    fresh_cache = lambda: jax.tree_util.tree_map_with_path(
         lambda p, s: jnp.full(s.shape, -1 if 'positions' in str(p[-1]) else 0, s.dtype), shapes)
 
-    # params is an argument, not a closure: a closed-over 4.4 GB tree would be embedded in
-    # the compiled program as constants (a second copy in memory and a slow compile).
-    @functools.partial(jax.jit, donate_argnums=1)
-    def step(params, cache, token, pos):
-        logits, mut = model.apply({'params': params, 'cache': cache}, token, positions=pos,
+    # params is an argument, not a closure: closed-over weights would be compiled in as
+    # constants.
+    @jax.jit
+    def step(params, cache, tokens, pos):
+        logits, mut = model.apply({'params': params, 'cache': cache}, tokens, positions=pos,
                                   decode=True, mutable=['cache'])
         return mut['cache'], jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
 
-    token = jnp.ones((1, 1), jnp.int32)
-    cache, token = step(params, cache, token, jnp.zeros((1, 1), jnp.int32))  # compile
-    jax.block_until_ready(token)
+    prompt = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size,
+                                                           (1, prompt_len)), jnp.int32)
+    positions = jnp.arange(prompt_len, dtype=jnp.int32)[None]
     t = time.perf_counter()
-    for i in range(1, steps + 1):
-        cache, token = step(params, cache, token, jnp.full((1, 1), i, jnp.int32))
+    cache, token = step(params, fresh_cache(), prompt[:, :1], positions[:, :1])
     jax.block_until_ready(token)
-    return {'load_s': load_s, 'tokens_per_s': steps / (time.perf_counter() - t)}
+    first_token_s = time.perf_counter() - t  # includes compiling the one-token step
+    jax.block_until_ready(step(params, fresh_cache(), prompt, positions))  # compile prompt
+    best_prompt = float('inf')
+    for _ in range(2):
+        t = time.perf_counter()
+        cache, token = step(params, fresh_cache(), prompt, positions)
+        jax.block_until_ready(token)
+        best_prompt = min(best_prompt, time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(steps):
+        cache, token = step(params, cache, token, jnp.full((1, 1), prompt_len + i, jnp.int32))
+    jax.block_until_ready(token)
+    return {'load_s': load_s, 'first_token_s': first_token_s,
+            'tokens_per_s': steps / (time.perf_counter() - t),
+            'prompt_tokens_per_s': prompt_len / best_prompt,
+            'peak_rss_bytes': _vm_hwm_bytes(), 'execution': repr(form.execution)}
 
 
-def llama_cpp_run(path: str, steps: int, threads: int) -> dict:
+def ours(path: str, steps: int, prompt_len: int, threads: int) -> dict:
+    env = dict(os.environ, RGJ_GEMV_THREADS=str(threads), JAX_COMPILATION_CACHE_DIR='')
+    done = subprocess.run([sys.executable, __file__, '--worker', path, '--steps', str(steps),
+                           '--prompt_len', str(prompt_len)], env=env, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f'worker failed on {path}:\n{done.stderr[-3000:]}')
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_run(path: str, steps: int, prompt_len: int, threads: int) -> dict:
     import llama_cpp
     t = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=path, n_ctx=steps + 8, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    # n_batch covers the context: llama-cpp-python keeps a (n_batch, V) score row per position.
+    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_len + steps + 8,
+                          n_batch=prompt_len + steps + 8,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t
-    llm.eval([1])
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, llm.n_vocab(), prompt_len)]
+    best_prompt = float('inf')
+    for _ in range(2):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        best_prompt = min(best_prompt, time.perf_counter() - t)
     t = time.perf_counter()
     for _ in range(steps):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     rate = steps / (time.perf_counter() - t)
     llm.close()
-    return {'load_s': load_s, 'tokens_per_s': rate}
+    return {'load_s': load_s, 'tokens_per_s': rate, 'prompt_tokens_per_s': prompt_len / best_prompt}
+
+
+def make_files(config, ftypes, directory, threads) -> dict:
+    """ftype -> path: an F32 file from save_gguf, quantized by llama.cpp's quantizer."""
+    import llama_cpp
+
+    from rustgpt_jax.interop.gguf import save_gguf
+    source = save_gguf(os.path.join(directory, 'model-f32.gguf'), config,
+                       _random_params(config), None, ftype='f32')
+    files = {}
+    for ftype in ftypes:
+        out = os.path.join(directory, f'model-{ftype}.gguf')
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = LLAMA_FTYPES[ftype], threads
+        if llama_cpp.llama_model_quantize(source.encode(), out.encode(), params):
+            raise RuntimeError(f'llama_model_quantize failed for {ftype}')
+        files[ftype] = out
+    os.remove(source)
+    return files
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--small', action='store_true', help='a ~20M-parameter model')
-    parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument('--steps', type=int, default=32)
-    parser.add_argument('--ftypes', default='f32,f16')
+    parser.add_argument('--prompt_len', type=int, default=128)
+    parser.add_argument('--ftypes', default='f16,q8_0,q4_0,q4_k_m')
     parser.add_argument('--dir', default=None, help='where to write the GGUF files')
-    parser.add_argument('--wakeup_latency_us', type=int, default=None,
-                        help='hold this CPU wake-up latency request for the whole run')
+    parser.add_argument('--json', default=None, help='also write the rows as JSON here')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from rustgpt_jax.decoding.wakeup import cpu_wakeup_latency
-    with (contextlib.nullcontext() if args.wakeup_latency_us is None
-          else cpu_wakeup_latency(args.wakeup_latency_us, required=True)):
-        run(args)
-
-
-def run(args):
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.prompt_len)))
+        return
     from rustgpt_jax.config import ModelConfig, tinyllama_1_1b
-    from rustgpt_jax.interop.gguf import save_gguf
-
-    config = (ModelConfig(vocab_size=4096, embed_dim=512, hidden_dim=1408, num_layers=4,
+    config = (ModelConfig(vocab_size=4096, embed_dim=512, hidden_dim=1536, num_layers=4,
                           num_heads=8, num_kv_heads=2, max_seq_len=2048)
               if args.small else tinyllama_1_1b())
     bandwidth = copy_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        params = _random_params(config)
-        for ftype in args.ftypes.split(','):
-            path = save_gguf(os.path.join(tmp, f'model-{ftype}.gguf'), config, params, None,
-                             ftype=ftype)
+        files = make_files(config, args.ftypes.split(','), tmp, args.threads)
+        for ftype, path in files.items():
             nbytes = weight_bytes_per_token(path)
-            row = {'ftype': ftype, 'file_gb': os.path.getsize(path) / 1e9,
-                   'bound_tokens_per_s': bandwidth / nbytes,
-                   'ours': ours(path, args.steps), 'llama_cpp': None}
-            try:
-                row['llama_cpp'] = llama_cpp_run(path, args.steps, args.threads)
-            except ImportError as e:
-                row['llama_cpp_error'] = str(e)
-            rows.append(row)
+            rows.append({'ftype': ftype, 'file_gb': os.path.getsize(path) / 1e9,
+                         'bound_tokens_per_s': bandwidth / nbytes,
+                         'ours': ours(path, args.steps, args.prompt_len, args.threads),
+                         'llama_cpp': llama_cpp_run(path, args.steps, args.prompt_len,
+                                                    args.threads)})
             os.remove(path)
-    wakeup = 'default' if args.wakeup_latency_us is None else f'{args.wakeup_latency_us} us'
-    print(f'copy bandwidth {bandwidth / 1e9:.1f} GB/s, threads {args.threads}, '
-          f'{"small" if args.small else "TinyLlama-1.1B"} shapes, idle wake-up {wakeup}')
-    print(f'{"ftype":6} {"file GB":>8} {"load ours":>10} {"load llama":>10} {"tok/s ours":>11} '
-          f'{"tok/s llama":>11} {"ours/llama":>10} {"bound":>8}')
-    for r in rows:
-        lc = r['llama_cpp'] or {'load_s': float('nan'), 'tokens_per_s': float('nan')}
-        print(f'{r["ftype"]:6} {r["file_gb"]:8.2f} {r["ours"]["load_s"]:10.2f} '
-              f'{lc["load_s"]:10.2f} {r["ours"]["tokens_per_s"]:11.1f} '
-              f'{lc["tokens_per_s"]:11.1f} '
-              f'{r["ours"]["tokens_per_s"] / lc["tokens_per_s"]:10.2f} '
-              f'{r["bound_tokens_per_s"]:8.1f}')
     info = machine.describe()
     print(machine.banner(info))
-    print(json.dumps({'machine': info, 'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
-                      'small': args.small, 'wakeup': wakeup, 'rows': rows}))
+    print(f'copy bandwidth {bandwidth / 1e9:.1f} GB/s, threads {args.threads}, '
+          f'{"small" if args.small else "TinyLlama-1.1B"} shapes, random weights')
+    print(f'{"ftype":7} {"GB":>5} {"load ours":>9} {"llama":>6} {"decode ours":>11} '
+          f'{"llama":>6} {"ratio":>6} {"bound":>6} {"% bound":>7} {"prompt ours":>11} '
+          f'{"llama":>6} {"ratio":>6} {"peak RSS GB":>11}')
+    for r in rows:
+        o, lc = r['ours'], r['llama_cpp']
+        print(f'{r["ftype"]:7} {r["file_gb"]:5.2f} {o["load_s"]:9.2f} {lc["load_s"]:6.2f} '
+              f'{o["tokens_per_s"]:11.1f} {lc["tokens_per_s"]:6.1f} '
+              f'{o["tokens_per_s"] / lc["tokens_per_s"]:6.2f} {r["bound_tokens_per_s"]:6.1f} '
+              f'{100 * o["tokens_per_s"] / r["bound_tokens_per_s"]:6.0f}% '
+              f'{o["prompt_tokens_per_s"]:11.1f} {lc["prompt_tokens_per_s"]:6.1f} '
+              f'{o["prompt_tokens_per_s"] / lc["prompt_tokens_per_s"]:6.2f} '
+              f'{o["peak_rss_bytes"] / 1e9:11.2f}')
+    for r in rows:
+        print(f'{r["ftype"]}: time to first token (load excluded, compile included) '
+              f'{r["ours"]["first_token_s"]:.2f} s; {r["ours"]["execution"]}')
+    document = {'machine': info, 'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
+                'small': args.small, 'rows': rows}
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(document, f, indent=1)
+    print(json.dumps(document))
 
 
 if __name__ == '__main__':

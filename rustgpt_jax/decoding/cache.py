@@ -27,7 +27,7 @@ import numpy as np
 from rustgpt_jax import quant
 from rustgpt_jax.config import FeedForwardType, ModelConfig, PositionType
 from rustgpt_jax.models import build_model
-from rustgpt_jax.native import cpu_gemv
+from rustgpt_jax.native import cpu_gemv, quant_matmul
 from rustgpt_jax.nn.packing import check_row_blocks, pack_blocks, pack_projections
 from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 
@@ -229,7 +229,7 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
         # unrolled, and each QArray is output-major by nature, so nothing is packed; the
         # quantized products are the native kernel's under CPU_GEMV.
         if matvec is None:
-            matvec = default_matvec_impl(config, directory=kernel_cache_dir)
+            matvec = default_matvec_impl(config, directory=kernel_cache_dir, quantized=True)
         execution = Execution(matvec=matvec, gemv_threads=gemv_threads,
                               gemv_spin_us=gemv_spin_us, kernel_cache_dir=kernel_cache_dir)
         return DecodeModel(config, params, execution)
@@ -253,15 +253,21 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
 
 
 def default_matvec_impl(config: ModelConfig, backend: Optional[str] = None,
-                        directory: Optional[str] = None) -> MatvecImpl:
+                        directory: Optional[str] = None, quantized: bool = False) -> MatvecImpl:
     """`Execution.matvec` for decoding on `backend` (default: JAX's).
 
+    With `quantized` (QArray weights): CPU_GEMV where `native.quant_matmul` runs here.
     CPU_GEMV on CPU for float32 models where the kernel builds (into `directory`, see
     `native.cpu_gemv.cache_dir`); it decoded faster (benchmarks/RESULTS.md). Otherwise
     XLA, with one warning that says why where the kernel cannot be built here.
     """
     backend = backend or jax.default_backend()
     if backend != 'cpu' or config.dtype != 'float32' or config.param_dtype != 'float32':
+        return MatvecImpl.XLA
+    if quantized:  # weights held as QArrays: the native quantized kernel (AVX2 at least)
+        if quant_matmul.available(directory):
+            return MatvecImpl.CPU_GEMV
+        quant_matmul.warn_unavailable_once()
         return MatvecImpl.XLA
     if not cpu_gemv.available(directory):
         cpu_gemv.warn_unavailable_once()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from typing import Optional
 
 import jax
@@ -172,3 +173,11 @@ def _call(x, blocks, ggml_type, threads, spin_us, isa_code):
         vmap_method='sequential')(x, blocks, ggml_type=np.int64(ggml_type),
                                   threads=np.int64(threads), spin_us=np.int64(spin_us),
                                   isa=np.int64(isa_code))
+
+
+@functools.cache
+def warn_unavailable_once() -> None:
+    """Warns (once per process) that quantized products configured for the kernel use
+    the XLA form."""
+    warnings.warn(f"Execution.matvec='cpu_gemv': quantized products fall back to XLA: "
+                  f'{unavailable_reason()}', RuntimeWarning, stacklevel=3)

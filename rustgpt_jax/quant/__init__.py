@@ -6,7 +6,14 @@ business; this package only says what the blocks mean.
 """
 
 from rustgpt_jax.quant.formats import BLOCK_TYPES, block_size, row_bytes, type_name
-from rustgpt_jax.quant.qarray import QArray, dequantize, is_quantized, take_rows
+from rustgpt_jax.quant.qarray import (
+    QArray,
+    dequantize,
+    is_quantized,
+    quantize_activations,
+    take_rows,
+)
 
-__all__ = ['BLOCK_TYPES', 'QArray', 'block_size', 'dequantize', 'is_quantized', 'row_bytes',
+__all__ = ['BLOCK_TYPES', 'QArray', 'block_size', 'dequantize', 'is_quantized',
+           'quantize_activations', 'row_bytes',
            'take_rows', 'type_name']

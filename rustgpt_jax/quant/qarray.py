@@ -188,3 +188,37 @@ def _decode_rows(rows, ggml_type: int):
     block, size = formats.block_size(qtype)
     values = _DECODERS[qtype](rows.reshape(-1, size))  # (blocks, block)
     return values.reshape(lead + (nbytes // size * block,))
+
+
+# Weight types whose products quantize the activations to Q8_0 blocks of 32 (ggml's
+# vec_dot_type); the K-quants use Q8_K blocks of 256; F16/BF16 take x as it is.
+_Q8_0_ACTIVATIONS = frozenset({T.Q8_0, T.Q4_0})
+
+
+def quantize_activations(x, ggml_type: int):
+    """x (..., in) float32 as a product with `ggml_type` weights sees it: quantized to int8
+    per block and dequantized, as ggml (and `native.quant_matmul`) does.
+
+    Q8_0 (for Q8_0/Q4_0 weights): blocks of 32, d = fp16(amax / 127), q = rint(x * 127 /
+    amax). Q8_K (the K-quants): blocks of 256, m the first value of largest magnitude,
+    iscale = -127 / m, q = min(127, rint(iscale * x)), d = 1 / iscale. Ties round to
+    even. F16/BF16: x unchanged. Computing the XLA form from these values makes it the
+    same function as the native kernel, to float32 rounding.
+    """
+    qtype = formats.check_type(ggml_type)
+    x = jnp.asarray(x, jnp.float32)
+    if qtype in (T.F16, T.BF16):
+        return x
+    block = 32 if qtype in _Q8_0_ACTIVATIONS else 256
+    b = x.reshape(x.shape[:-1] + (-1, block))
+    if block == 32:
+        amax = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
+        d = (amax / 127.0).astype(jnp.float16).astype(jnp.float32)
+        scale = jnp.where(amax == 0, 0.0, 127.0 / jnp.where(amax == 0, 1.0, amax))
+        q = jnp.round(b * scale)
+    else:
+        m = jnp.take_along_axis(b, jnp.argmax(jnp.abs(b), axis=-1)[..., None], axis=-1)
+        scale = jnp.where(m == 0, 0.0, -127.0 / jnp.where(m == 0, 1.0, m))
+        d = jnp.where(m == 0, 0.0, 1.0 / jnp.where(m == 0, 1.0, scale))
+        q = jnp.minimum(jnp.round(b * scale), 127.0)
+    return (d * q).reshape(x.shape)

@@ -16,12 +16,15 @@ import math
 import jax.numpy as jnp
 
 from rustgpt_jax import quant
-from rustgpt_jax.native import cpu_gemv
+from rustgpt_jax.native import cpu_gemv, quant_matmul
 from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 
 # Row blocks and the matrix-vector kernel apply to products of at most this many input
 # rows (decode steps up to batch 8): larger ones (prefill, training) keep XLA's dot.
 MATVEC_MAX_ROWS = cpu_gemv.MAX_ROWS
+# Products with quantized weights of at most this many rows run in the native kernel
+# under CPU_GEMV; longer prompts use the XLA form (benchmarks/RESULTS.md, "GGUF").
+QUANT_KERNEL_MAX_ROWS = 1 << 30
 
 
 def _uses_gemv(execution: Execution, x, w) -> bool:
@@ -139,25 +142,46 @@ def logits(x, table, *, table_output_major: bool, dtype, execution: Execution):
     return y.astype(jnp.float32)
 
 
+def _uses_quant_kernel(execution: Execution, rows: int, w: quant.QArray) -> bool:
+    """Whether a product of `rows` rows with `w` runs in `native.quant_matmul`."""
+    if execution.matvec != MatvecImpl.CPU_GEMV or rows > QUANT_KERNEL_MAX_ROWS:
+        return False
+    if w.ggml_type not in quant_matmul.SUPPORTED_TYPES:
+        return False
+    if not quant_matmul.available(execution.kernel_cache_dir):
+        quant_matmul.warn_unavailable_once()
+        return False
+    return True
+
+
 def quantized_matmul(x, w: quant.QArray, *, dtype, execution: Execution,
                      name: str = 'projection'):
     """y (..., out) = x (..., in) . W^T for a quantized W (out, in), float32.
 
+    One function in two forms: llama.cpp's, where x is quantized to int8 per block
+    (`quant.quantize_activations`) and multiplied with W's blocks. On CPU under
+    `matvec=CPU_GEMV` that is the native kernel; elsewhere XLA computes the same values
+    from W dequantised inside the jitted step (XLA fuses the convert into the dot).
+
     Args:
       x: (..., in) activations.
       w: the QArray.
-      dtype: compute dtype of the XLA form (the native kernel computes in float32 from
-        int8-quantized activations, as llama.cpp does).
-      execution: `matvec=CPU_GEMV` runs the native quantized kernel where it serves.
+      dtype: compute dtype of the XLA form's dot.
+      execution: `matvec=CPU_GEMV` runs the native kernel where it serves.
       name: the weight's name, for errors.
     """
     if x.shape[-1] != w.in_features:
         raise ValueError(f'{name}: input has {x.shape[-1]} features; the quantized weight '
                          f'{w!r} takes {w.in_features}')
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y = jnp.einsum('ni,oi->no', x2.astype(dtype), quant.dequantize(w, dtype),
-                   preferred_element_type=jnp.float32)
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if _uses_quant_kernel(execution, x2.shape[0], w):
+        y = quant_matmul.quant_matmul(x2, w.blocks, w.ggml_type, execution.gemv_threads,
+                                      execution.gemv_spin_us)
+    else:
+        xq = quant.quantize_activations(x2, w.ggml_type).astype(dtype)
+        y = jnp.einsum('ni,oi->no', xq, quant.dequantize(w, dtype),
+                       preferred_element_type=jnp.float32)
     return y.reshape(lead + (w.out_features,))
 
 

@@ -250,7 +250,7 @@ def load_gguf(path: str, max_seq_len: Optional[int] = None, param_dtype: str = '
     if validate:
         check_tensors(buf, header)
     if quantized:
-        params = build_quantized_params(buf, header, infos, config, unpermute_qk)
+        params = build_quantized_params(path, buf, header, infos, config, unpermute_qk)
     else:
         params = _build_params(_tensor_data(path, header), infos, config)
     return config, params, tokenizer

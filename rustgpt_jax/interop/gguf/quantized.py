@@ -14,6 +14,8 @@ rows `unpermute_qk` reorders (whole rows, so the blocks are untouched).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -32,16 +34,23 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     return base[start:start + nbytes]
 
 
-def _raw(buf: np.ndarray, header: GGUFHeader, info: TensorInfo, rows: int) -> np.ndarray:
+def _raw(buf: np.ndarray, header: GGUFHeader, info: TensorInfo, rows: int,
+         fd: int) -> np.ndarray:
     """The tensor's bytes as (rows, row_bytes) uint8: a view of the mapped file when it
-    is aligned, else an aligned copy."""
+    is aligned, else an aligned copy read with pread (reading through the mapping would
+    leave its pages resident beside the copy, doubling the peak RSS)."""
     start = header.data_offset + info.offset
     view = buf[start:start + info.nbytes].reshape(rows, -1)
     if view.ctypes.data % ALIGN == 0:
         return view
-    out = _aligned_empty(info.nbytes).reshape(rows, -1)
-    np.copyto(out, view)
-    return out
+    out = _aligned_empty(info.nbytes)
+    done = 0
+    while done < info.nbytes:  # pread may return short counts
+        n = os.preadv(fd, [memoryview(out[done:])], start + done)
+        if n <= 0:
+            raise OSError(f'short read of {info.name} at byte {start + done}')
+        done += n
+    return out.reshape(rows, -1)
 
 
 def _device(array: np.ndarray):
@@ -82,23 +91,28 @@ def _vectors(config: ModelConfig) -> list:
     return out
 
 
-def build_quantized_params(buf: np.ndarray, header: GGUFHeader, infos: dict,
+def build_quantized_params(path: str, buf: np.ndarray, header: GGUFHeader, infos: dict,
                            config: ModelConfig, unpermute_qk) -> dict:
     """Params of `Transformer(config)` (scan_layers=False) over the file's own blocks.
 
     Args:
-      buf: the whole file, memory-mapped uint8.
+      path: the file; buf: all of it, memory-mapped uint8.
       header: its validated header; infos: tensor name -> TensorInfo.
       config: the model (scan_layers False).
       unpermute_qk: loader.unpermute_qk (llama.cpp q/k rows -> HF rotate-half rows).
     """
+    with open(path, 'rb') as f:
+        return _build(f.fileno(), buf, header, infos, config, unpermute_qk)
+
+
+def _build(fd: int, buf, header, infos, config, unpermute_qk) -> dict:
     dtype = config.params_dtype
     params: dict = {}
     for path, name, logical, contract, heads in _matrices(config):
         if name == 'output.weight' and name not in infos:
             name = 'token_embd.weight'  # an untied model whose file shares the table
         info = infos[name]
-        raw = _raw(buf, header, info, info.shape[0])
+        raw = _raw(buf, header, info, info.shape[0], fd)
         if info.ggml_type not in BLOCK_TYPES:  # F32: a float kernel in our layout
             w = dequant.dequantize(raw, info.ggml_type, info.shape)  # W (out, in)
             w = unpermute_qk(w, heads) if heads else w
@@ -112,7 +126,7 @@ def build_quantized_params(buf: np.ndarray, header: GGUFHeader, infos: dict,
         _set(params, path, value)
     for path, name in _vectors(config):
         info = infos[name]
-        w = dequant.dequantize(_raw(buf, header, info, 1), info.ggml_type, info.shape)
+        w = dequant.dequantize(_raw(buf, header, info, 1, fd), info.ggml_type, info.shape)
         _set(params, path, jax.numpy.asarray(w, dtype))
     return params
 

@@ -227,6 +227,8 @@ def _decoding_common_cases(tmp_path) -> list[tuple[list[str], str]]:
         (['--gguf', ggufs['text']], 'text.gguf'),
         (['--gguf', ggufs['truncated']], 'truncated.gguf'),
         (['--gguf', ggufs['huge']], 'huge.gguf'),
+        (['--gguf', ggufs['huge'], '--dequantize'], 'huge.gguf'),
+        (ckpt + ['--dequantize'], '--dequantize applies to --gguf'),
     ]
 
 

@@ -202,3 +202,34 @@ def test_our_export_loads_back_bit_identically(tmp_path, ftype):
     q = np.asarray(params['layer_0']['attention']['q_proj']['kernel'].blocks)
     np.testing.assert_array_equal(permute_qk(q, CONFIG.num_heads),
                                   file['blk.0.attn_q.weight'].reshape(q.shape))
+
+
+def test_generate_cli_runs_gguf_quantized_unless_dequantize(llama_files, monkeypatch, capsys):
+    """rustgpt-generate --gguf keeps the weights quantized; --dequantize gives float32.
+    Both continue the prompt as llama.cpp's greedy decoding of the same file does."""
+    import io
+
+    from rustgpt_jax.decoding import cli
+    seen = []
+    real = cli.load_gguf
+
+    def spy(path, **kwargs):
+        config, params, tokenizer = real(path, **kwargs)
+        seen.append(any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
+            params, is_leaf=quant.is_quantized)))
+        return config, params, tokenizer
+
+    monkeypatch.setattr(cli, 'load_gguf', spy)
+    path = str(llama_files['q8_0'])
+    texts = []
+    for extra in ([], ['--dequantize']):
+        out = io.StringIO()
+        assert cli.generate_main(['--gguf', path, '--prompt', 'hello world', '--temperature',
+                                  '0', '--max_new_tokens', '6'] + extra, out=out) == 0
+        texts.append(out.getvalue())
+    assert seen == [True, False]
+    llm = llama_ref._llama(path)
+    ids = llm.tokenize(b'hello world', add_bos=True)
+    want = [t for _, t in zip(range(6), llm.generate(ids, temp=0.0))]
+    llm.close()
+    assert texts == [llama_ref.VOCAB.decode(want) + '\n'] * 2, (texts, want)

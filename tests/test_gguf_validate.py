@@ -9,6 +9,7 @@ import struct
 import time
 import warnings
 
+import jax
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from gguf.constants import GGML_QUANT_SIZES  # noqa: E402
 from gguf.constants import GGMLQuantizationType as T  # noqa: E402
 from test_gguf_format import TINY, _flat, random_params  # noqa: E402
 
+from rustgpt_jax import quant  # noqa: E402
 from rustgpt_jax.interop.gguf import GGUFError, dequantize, load_gguf, save_gguf  # noqa: E402
 from rustgpt_jax.interop.gguf.reader import read_header  # noqa: E402
 from rustgpt_jax.interop.gguf.validate import (  # noqa: E402
@@ -252,6 +254,17 @@ def test_fuzz_validated_loads_are_finite_or_gguf_errors(tmp_path, ftype):
         if not rejected:
             for name, value in _flat(params).items():
                 assert np.isfinite(value).all(), (trial, kind, name)
+        # The quantized runtime's loader accepts and rejects the same files.
+        with warnings.catch_warnings(), np.errstate(all='raise'):
+            warnings.simplefilter('error')
+            try:
+                _, held, _ = load_gguf(tmp_path / 'mutant.gguf', validate=True, quantized=True)
+                assert not rejected, (trial, kind)
+                for leaf in jax.tree_util.tree_leaves(held, is_leaf=quant.is_quantized):
+                    value = quant.dequantize(leaf) if quant.is_quantized(leaf) else leaf
+                    assert np.isfinite(np.asarray(value)).all(), (trial, kind)
+            except GGUFError:
+                assert rejected, (trial, kind)
         if kind >= 3:
             with np.errstate(all='ignore'):
                 _, unchecked, _ = load_gguf(tmp_path / 'mutant.gguf')

@@ -2,8 +2,10 @@
 
 `load_gguf(path) -> (config, params, tokenizer)` reads F32/F16/BF16/Q8_0/Q4_0/Q4_K/Q5_K/Q6_K
 files (validated before use: hostile files raise `GGUFError`; `validate=True` or
-`check_file(path)` also rejects NaN/inf tensor data); `save_gguf(path, config, params,
-tokenizer, ftype=...)` writes a file llama.cpp runs.
+`check_file(path)` also rejects NaN/inf tensor data); with `quantized=True` the weights
+stay in their encodings as `quant.QArray` leaves over the memory-mapped file
+(`quantized.py`). `save_gguf(path, config, params, tokenizer, ftype=...)` writes a file
+llama.cpp runs (a QArray's blocks as they are).
 """
 
 from rustgpt_jax.interop.gguf.dequant import SUPPORTED_TYPES, dequantize

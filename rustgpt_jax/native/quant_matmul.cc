@@ -125,6 +125,7 @@ struct Simd {
 };
 
 #include "quant_core.inc"
+#include "quant_fused.inc"
 
 }  // namespace
 }  // namespace avx512
@@ -234,7 +235,8 @@ ffi::Error QuantMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
   job.sums = sums.data();
   if (isa == kAvx512Vnni) {
     avx512::Quantize(job, q.data(), d.data(), sums.data());
-    job.rows_fn = avx512::Rows;
+    const bool fused = rows <= avx512::kFusedRows && ggml_type != kF16 && ggml_type != kBF16;
+    job.rows_fn = fused ? avx512::FusedRows : avx512::Rows;
   } else {
     avx2::Quantize(job, q.data(), d.data(), sums.data());
     job.rows_fn = avx2::Rows;

@@ -233,3 +233,31 @@ def test_generate_cli_runs_gguf_quantized_unless_dequantize(llama_files, monkeyp
     want = [t for _, t in zip(range(6), llm.generate(ids, temp=0.0))]
     llm.close()
     assert texts == [llama_ref.VOCAB.decode(want) + '\n'] * 2, (texts, want)
+
+
+def test_packing_stacks_quantized_kernels_without_copying(llama_files):
+    """nn.packing turns q/k/v and gate/up QArrays (mixed types in Q4_K_M) into QConcats of
+    the same blocks; the packed model computes the standard one's logits, and unpacking
+    gives the standard tree back."""
+    from rustgpt_jax.models import build_model
+    from rustgpt_jax.nn.packing import pack_projections, unpack_projections
+    from rustgpt_jax.runtime.execution import Execution
+    config, params, _ = load_gguf(llama_files['q4_k_m'], quantized=True)
+    packed = pack_projections(params)
+    qkv = packed['layer_0']['attention']['qkv_proj']['kernel']
+    attn = params['layer_0']['attention']
+    assert isinstance(qkv, quant.QConcat)
+    assert qkv.shape == (config.num_heads + 2 * config.num_kv_heads,
+                         config.effective_head_dim, config.embed_dim)
+    assert [p.blocks for p in qkv.parts] == [attn[n]['kernel'].blocks
+                                             for n in ('q_proj', 'k_proj', 'v_proj')]
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, 12)))
+    xla = Execution(matvec='xla')
+    standard = build_model(config, xla).apply({'params': params}, tokens)
+    fused = build_model(config, Execution(packed=True, matvec='xla')).apply(
+        {'params': packed}, tokens)
+    np.testing.assert_allclose(fused, standard, rtol=0, atol=1e-5 * np.abs(standard).max())
+    back = unpack_projections(config, packed)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+        assert a is b or np.array_equal(a, b)

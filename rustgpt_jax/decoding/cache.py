@@ -225,12 +225,16 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
     """
     if any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
             params, is_leaf=quant.is_quantized)):
-        # GGUF weights kept in their encodings (`load_gguf(quantized=True)`): already
-        # unrolled, and each QArray is output-major by nature, so nothing is packed; the
-        # quantized products are the native kernel's under CPU_GEMV.
+        # GGUF weights kept in their encodings (`load_gguf(quantized=True)`), already
+        # unrolled. Packing stacks q/k/v and gate/up as `quant.QConcat`s without copying
+        # (a QArray is output-major by nature), so each is one kernel call; row blocks
+        # are a float-kernel device and do not apply.
+        config, params = unstack_layers(config, params)
+        if not params_packed:
+            params = pack_projections(params)
         if matvec is None:
             matvec = default_matvec_impl(config, directory=kernel_cache_dir, quantized=True)
-        execution = Execution(matvec=matvec, gemv_threads=gemv_threads,
+        execution = Execution(packed=True, matvec=matvec, gemv_threads=gemv_threads,
                               gemv_spin_us=gemv_spin_us, kernel_cache_dir=kernel_cache_dir)
         return DecodeModel(config, params, execution)
     if params_packed or not config.scan_layers:

@@ -27,6 +27,7 @@ from typing import Any
 import flax
 import jax.numpy as jnp
 
+from rustgpt_jax import quant
 from rustgpt_jax.config import FeedForwardType, ModelConfig
 
 # Kernel rank in the standard layout (to find leading layer axes).
@@ -38,7 +39,7 @@ def _output_major(w, contract: int, lead: int):
     """(*lead, *contracted, *features) -> (*lead, *features, *contracted)."""
     order = list(range(lead)) + list(range(lead + contract, w.ndim)) + list(
         range(lead, lead + contract))
-    return jnp.transpose(w, order)
+    return _transpose(w, order)
 
 
 def _input_major(w, contract: int, lead: int):
@@ -46,7 +47,37 @@ def _input_major(w, contract: int, lead: int):
     features = w.ndim - lead - contract
     order = list(range(lead)) + list(range(w.ndim - contract, w.ndim)) + list(
         range(lead, lead + features))
+    return _transpose(w, order)
+
+
+def _transpose(w, order):
+    # A quantized kernel is stored as W (out, in) in either layout: only its logical
+    # shape (the names of the dims) changes.
+    if quant.is_quantized(w):
+        return quant.relabel(w, tuple(w.shape[i] for i in order))
     return jnp.transpose(w, order)
+
+
+def _concat(kernels, axis: int):
+    """jnp.concatenate, or for quantized kernels a row stack (`quant.QConcat`): in the
+    standard layout their concatenated axis is an output axis, so the rows of W stack."""
+    if not quant.is_quantized(kernels[0]):
+        return jnp.concatenate(kernels, axis=axis)
+    shape = list(kernels[0].shape)
+    shape[axis] = sum(k.shape[axis] for k in kernels)
+    return quant.concat_rows(kernels, tuple(shape))
+
+
+def _split(w, bounds, axis: int):
+    """The inverse of `_concat` at `bounds` [(start, stop), ...] along `axis`."""
+    if not quant.is_quantized(w):
+        return [w[(slice(None),) * axis + (slice(a, b),)] for a, b in bounds]
+    parts = w.parts if isinstance(w, quant.QConcat) else (w,)
+    sizes = [b - a for a, b in bounds]
+    if len(parts) != len(bounds):
+        raise ValueError(f'cannot split the quantized kernel {w!r} into {len(bounds)} parts')
+    return [quant.relabel(p, w.shape[:axis] + (size,) + w.shape[axis + 1:])
+            for p, size in zip(parts, sizes)]
 
 
 def _lead(name: str, kernel) -> int:
@@ -59,7 +90,7 @@ def _pack_attention(attn: dict) -> dict:
     attn = dict(attn)
     q, k, v = (attn.pop(n) for n in ('q_proj', 'k_proj', 'v_proj'))
     lead = _lead('q_proj', q['kernel'])
-    fused = jnp.concatenate([q['kernel'], k['kernel'], v['kernel']], axis=lead + 1)
+    fused = _concat([q['kernel'], k['kernel'], v['kernel']], axis=lead + 1)
     packed = {'kernel': _output_major(fused, 1, lead)}  # (..., N + 2K, H, D)
     if 'bias' in q:
         packed['bias'] = jnp.concatenate([q['bias'], k['bias'], v['bias']], axis=lead)
@@ -79,8 +110,9 @@ def _unpack_attention(attn: dict, num_heads: int, num_kv_heads: int) -> dict:
     fused = _input_major(packed['kernel'], 1, lead)  # (..., D, N + 2K, H)
     n, kh = num_heads, num_kv_heads
     bounds = {'q_proj': (0, n), 'k_proj': (n, n + kh), 'v_proj': (n + kh, n + 2 * kh)}
-    for name, (a, b) in bounds.items():
-        attn[name] = {'kernel': fused[(slice(None),) * (lead + 1) + (slice(a, b),)]}
+    kernels = _split(fused, list(bounds.values()), lead + 1)
+    for (name, (a, b)), kernel in zip(bounds.items(), kernels):
+        attn[name] = {'kernel': kernel}
         if 'bias' in packed:
             attn[name]['bias'] = packed['bias'][(slice(None),) * lead + (slice(a, b),)]
     o = dict(attn['o_proj'])
@@ -94,7 +126,7 @@ def _pack_ffn(ffn: dict) -> dict:
     if 'w1' in ffn:  # SwiGLU
         w1, w3 = ffn.pop('w1'), ffn.pop('w3')
         lead = _lead('w1', w1['kernel'])
-        fused = jnp.concatenate([w1['kernel'], w3['kernel']], axis=lead + 1)  # (..., D, 2F)
+        fused = _concat([w1['kernel'], w3['kernel']], axis=lead + 1)  # (..., D, 2F)
         ffn['w13'] = {'kernel': _output_major(fused, 1, lead)}
         if 'bias' in w1:
             ffn['w13']['bias'] = jnp.concatenate([w1['bias'], w3['bias']], axis=lead)
@@ -118,8 +150,8 @@ def _unpack_ffn(ffn: dict) -> dict:
         lead = packed['kernel'].ndim - 2
         fused = _input_major(packed['kernel'], 1, lead)  # (..., D, 2F)
         f = fused.shape[-1] // 2
-        ffn['w1'] = {'kernel': fused[..., :f]}
-        ffn['w3'] = {'kernel': fused[..., f:]}
+        w1, w3 = _split(fused, [(0, f), (f, 2 * f)], fused.ndim - 1)
+        ffn['w1'], ffn['w3'] = {'kernel': w1}, {'kernel': w3}
         if 'bias' in packed:
             ffn['w1']['bias'], ffn['w3']['bias'] = packed['bias'][..., :f], packed['bias'][..., f:]
     return ffn

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from rustgpt_jax.quant import QArray
+from rustgpt_jax import quant
 
 
 def weight(module: nn.Module, name: str, init, shape: tuple, dtype):
-    """module.param(name, init, shape, dtype), or the QArray stored under `name`.
+    """module.param(name, init, shape, dtype), or the QArray (or QConcat) stored there.
 
     Raises:
       ValueError: a stored QArray whose logical shape is not `shape`, naming the param.
     """
     if module.has_variable('params', name):
         value = module.get_variable('params', name)
-        if isinstance(value, QArray):
+        if quant.is_quantized(value):
             if value.shape != tuple(shape):
                 path = '/'.join(module.path + (name,))
                 raise ValueError(f'quantized param {path} has shape {value.shape}; the model '

@@ -8,12 +8,15 @@ business; this package only says what the blocks mean.
 from rustgpt_jax.quant.formats import BLOCK_TYPES, block_size, row_bytes, type_name
 from rustgpt_jax.quant.qarray import (
     QArray,
+    QConcat,
+    concat_rows,
     dequantize,
     is_quantized,
     quantize_activations,
+    relabel,
     take_rows,
 )
 
-__all__ = ['BLOCK_TYPES', 'QArray', 'block_size', 'dequantize', 'is_quantized',
-           'quantize_activations', 'row_bytes',
-           'take_rows', 'type_name']
+__all__ = ['BLOCK_TYPES', 'QArray', 'QConcat', 'block_size', 'concat_rows', 'dequantize',
+           'is_quantized', 'quantize_activations', 'relabel', 'row_bytes', 'take_rows',
+           'type_name']

@@ -93,12 +93,77 @@ jax.tree_util.register_dataclass(QArray, data_fields=['blocks'],
                                  meta_fields=['ggml_type', 'shape'])
 
 
+@dataclasses.dataclass(frozen=True)
+class QConcat:
+    """Quantized matrices stacked by rows, W = [W_0; W_1; ...] (sum of out_i, in), whose
+    types may differ: how the packed layout (`nn.packing`) fuses q/k/v or gate/up of a
+    GGUF model (in Q4_K_M files v is often Q6_K while q and k are Q4_K). Nothing is
+    copied; a product with it is one kernel call over all parts.
+
+    Attributes:
+      parts: the QArrays, each (out_i, in) with the same `in`.
+      shape: the logical shape of the whole (static), e.g. (N + 2K, H, D).
+    """
+    parts: tuple
+    shape: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, 'parts', tuple(self.parts))
+        object.__setattr__(self, 'shape', tuple(int(s) for s in self.shape))
+        if not all(isinstance(p, QArray) for p in self.parts):
+            return  # pytree placeholders while JAX rebuilds the tree
+        ins = {p.in_features for p in self.parts if hasattr(p.blocks, 'shape')}
+        if len(ins) > 1:
+            raise ValueError(f'QConcat: parts take different input sizes {sorted(ins)}')
+        if ins and math.prod(self.shape) != self.out_features * ins.pop():
+            raise ValueError(f'QConcat: logical shape {self.shape} does not hold the parts '
+                             f'{self.parts}')
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    dtype = QArray.dtype
+    ndim = QArray.ndim
+    size = QArray.size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+
+jax.tree_util.register_dataclass(QConcat, data_fields=['parts'], meta_fields=['shape'])
+
+
 def is_quantized(x) -> bool:
-    return isinstance(x, QArray)
+    return isinstance(x, (QArray, QConcat))
 
 
-def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
-    """W (out, in) in `dtype`, computed with jnp (inside a jitted step XLA fuses it)."""
+def relabel(q, shape: tuple):
+    """The same quantized matrix W under another logical shape (its storage is always
+    (out, in), so only the names of the dims change; `nn.packing` uses this)."""
+    if isinstance(q, QConcat):
+        return QConcat(q.parts, shape)
+    return QArray(q.blocks, q.ggml_type, shape)
+
+
+def concat_rows(parts, shape: tuple) -> QConcat:
+    """[W_0; W_1; ...] of QArrays (or QConcats, flattened) under the logical `shape`."""
+    flat = []
+    for p in parts:
+        flat.extend(p.parts if isinstance(p, QConcat) else (p,))
+    return QConcat(tuple(flat), shape)
+
+
+def dequantize(q, dtype=jnp.float32) -> jax.Array:
+    """W (out, in) of a QArray or QConcat in `dtype`, computed with jnp (inside a jitted
+    step XLA fuses it)."""
+    if isinstance(q, QConcat):
+        return jnp.concatenate([dequantize(p, dtype) for p in q.parts], axis=0)
     return _decode_rows(q.blocks, q.ggml_type).astype(dtype)
 
 

@@ -142,11 +142,16 @@ def logits(x, table, *, table_output_major: bool, dtype, execution: Execution):
     return y.astype(jnp.float32)
 
 
-def _uses_quant_kernel(execution: Execution, rows: int, w: quant.QArray) -> bool:
+def _parts(w) -> tuple:
+    """The QArrays of a QArray or QConcat."""
+    return w.parts if isinstance(w, quant.QConcat) else (w,)
+
+
+def _uses_quant_kernel(execution: Execution, rows: int, w) -> bool:
     """Whether a product of `rows` rows with `w` runs in `native.quant_matmul`."""
     if execution.matvec != MatvecImpl.CPU_GEMV or rows > QUANT_KERNEL_MAX_ROWS:
         return False
-    if w.ggml_type not in quant_matmul.SUPPORTED_TYPES:
+    if any(p.ggml_type not in quant_matmul.SUPPORTED_TYPES for p in _parts(w)):
         return False
     if not quant_matmul.available(execution.kernel_cache_dir):
         quant_matmul.warn_unavailable_once()
@@ -154,8 +159,7 @@ def _uses_quant_kernel(execution: Execution, rows: int, w: quant.QArray) -> bool
     return True
 
 
-def quantized_matmul(x, w: quant.QArray, *, dtype, execution: Execution,
-                     name: str = 'projection'):
+def quantized_matmul(x, w, *, dtype, execution: Execution, name: str = 'projection'):
     """y (..., out) = x (..., in) . W^T for a quantized W (out, in), float32.
 
     One function in two forms: llama.cpp's, where x is quantized to int8 per block
@@ -165,7 +169,8 @@ def quantized_matmul(x, w: quant.QArray, *, dtype, execution: Execution,
 
     Args:
       x: (..., in) activations.
-      w: the QArray.
+      w: a QArray, or a QConcat (row-stacked QArrays, e.g. packed q/k/v: one kernel
+        call for all of them).
       dtype: compute dtype of the XLA form's dot.
       execution: `matvec=CPU_GEMV` runs the native kernel where it serves.
       name: the weight's name, for errors.
@@ -176,12 +181,13 @@ def quantized_matmul(x, w: quant.QArray, *, dtype, execution: Execution,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if _uses_quant_kernel(execution, x2.shape[0], w):
-        y = quant_matmul.quant_matmul(x2, w.blocks, w.ggml_type, execution.gemv_threads,
-                                      execution.gemv_spin_us)
+        ys = [quant_matmul.quant_matmul(x2, p.blocks, p.ggml_type, execution.gemv_threads,
+                                        execution.gemv_spin_us) for p in _parts(w)]
     else:
-        xq = quant.quantize_activations(x2, w.ggml_type).astype(dtype)
-        y = jnp.einsum('ni,oi->no', xq, quant.dequantize(w, dtype),
-                       preferred_element_type=jnp.float32)
+        ys = [jnp.einsum('ni,oi->no', quant.quantize_activations(x2, p.ggml_type).astype(dtype),
+                         quant.dequantize(p, dtype), preferred_element_type=jnp.float32)
+              for p in _parts(w)]
+    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
     return y.reshape(lead + (w.out_features,))
 
 

@@ -37,6 +37,7 @@ TARGETS = {
     'rgj_gemv': 'RgjGemv',
     'rgj_gemv_input_major': 'RgjGemvInputMajor',
     'rgj_quant_matmul': 'RgjQuantMatmul',
+    'rgj_quant_matmul_multi': 'RgjQuantMatmulMulti',
 }
 
 _lock = threading.Lock()

@@ -73,6 +73,9 @@ struct Job {
   const int8_t* q;    // (rows, in) quantized x
   const float* d;     // (rows, in / 4) x's block scale per int32 lane
   const float* sums;  // (rows, n_sub) d * sum(q) per weight sub-block
+  const int8_t* qi;   // q interleaved by 16 rows (quant_prefill.inc), for PrefillRows
+  const float* dx;    // d per activation block, interleaved likewise
+  const void* pre;    // each lane's start per weight sub-block (quant_prefill.inc)
   float* y;           // (rows, ldy): this job's out columns of y
   int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
@@ -127,6 +130,7 @@ struct Simd {
 
 #include "quant_core.inc"
 #include "quant_fused.inc"
+#include "quant_prefill.inc"
 
 }  // namespace
 }  // namespace avx512
@@ -244,10 +248,14 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   // Quantized x per activation format (0: Q8_0, 1: Q8_K), sums per sub-block size within
   // it (slot 0: Q8_0 by 32, 1: Q8_K by 32, 2: Q8_K by 16), filled on first use. The
   // caller fills them once for every chunk; workers only read them.
-  thread_local std::vector<int8_t> q[2];
-  thread_local std::vector<float> d[2], sums[3];
+  thread_local std::vector<int8_t> q[2], qi[2];
+  thread_local std::vector<float> d[2], sums[3], dx[2];
+  thread_local std::vector<std::vector<int32_t>> pre;  // per part
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
+  bool interleaved[2] = {false, false};
   const bool vnni = isa == kAvx512Vnni;
+  const bool prefill = vnni && rows > avx512::kFusedRows;
+  if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
   int64_t chunk = ((total + 31) / 32 + 3) / 4 * 4;
   chunk = chunk < 8 ? 8 : chunk;
@@ -259,7 +267,8 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
     Format f;
     FormatOf(part.type, &f);
     Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
-            nullptr, nullptr, nullptr, y + column, total, chunk, nullptr};
+            nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total, chunk,
+            nullptr};
     column += part.out;
     const bool half = part.type == kF16 || part.type == kBF16;
     if (!half) {
@@ -285,9 +294,27 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       job.q = q[k].data();
       job.d = d[k].data();
       job.sums = sums[slot].data();
+      if (prefill) {
+        const int64_t tiles = (rows + avx512::kLaneRows - 1) / avx512::kLaneRows;
+        const int64_t block = k == 0 ? 32 : 256;
+        if (!interleaved[k]) {
+          qi[k].resize(tiles * avx512::kLaneRows * in);
+          dx[k].resize(tiles * in / block * avx512::kLaneRows);
+          avx512::Interleave(q[k].data(), d[k].data(), rows, in, block, qi[k].data(),
+                             dx[k].data());
+          interleaved[k] = true;
+        }
+        std::vector<int32_t>& starts = pre[plan.jobs.size()];
+        starts.resize(tiles * job.n_sub * avx512::kLaneRows);
+        avx512::PrefillStarts(part.type, q[k].data(), rows, in, f.sub, starts.data());
+        job.qi = qi[k].data();
+        job.dx = dx[k].data();
+        job.pre = starts.data();
+      }
     }
     if (vnni) {
-      job.rows_fn = rows <= avx512::kFusedRows && !half ? avx512::FusedRows : avx512::Rows;
+      job.rows_fn = half ? avx512::Rows
+                         : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
       job.rows_fn = avx2::Rows;
     }

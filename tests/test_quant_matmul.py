@@ -104,6 +104,41 @@ def test_threads_give_the_single_thread_result_exactly(kind):
             np.testing.assert_array_equal(np.asarray(many), one)
 
 
+# (type, out) per part: TinyLlama's q/k/v and gate/up mixes, and every type in one call.
+MULTI_PARTS = [
+    [(T.Q4_K, 64), (T.Q4_K, 8), (T.Q6_K, 8)],
+    [(T.Q4_K, 44), (T.Q4_K, 44)],
+    [(T.Q8_0, 40), (T.Q4_0, 5), (T.F16, 12), (T.Q5_K, 9), (T.BF16, 3), (T.Q6_K, 33)],
+]
+
+
+@pytest.mark.parametrize('isa', ISAS)
+@pytest.mark.parametrize('mix', range(len(MULTI_PARTS)))
+def test_multi_equals_the_single_calls_concatenated(mix, isa):
+    # Same quantized x, same per-row code: bit for bit, whatever the chunks' split.
+    _require(isa)
+    rng = np.random.default_rng(mix)
+    n_in = 512
+    parts = [(_blocks(kind, out, n_in // GGML_QUANT_SIZES[kind][0], rng), kind)
+             for kind, out in MULTI_PARTS[mix]]
+    for rows in [*range(1, 9), 40]:
+        x = rng.normal(size=(rows, n_in)).astype(np.float32)
+        single = np.concatenate([np.asarray(qm.quant_matmul(x, b, k, isa=isa))
+                                 for b, k in parts], axis=1)
+        for threads in (1, 2):
+            got = qm.quant_matmul_multi(x, parts, threads=threads, isa=isa)
+            np.testing.assert_array_equal(np.asarray(got), single, err_msg=f'rows={rows}')
+
+
+def test_multi_bad_arguments_raise_by_name():
+    x = np.zeros((1, 256), np.float32)
+    with pytest.raises(ValueError, match='quant_matmul_multi: parts is empty'):
+        qm.quant_matmul_multi(x, [])
+    with pytest.raises(ValueError, match=re.escape('quant_matmul_multi: blocks hold in=32')):
+        qm.quant_matmul_multi(x, [(np.zeros((4, 144), np.uint8), T.Q4_K),
+                                  (np.zeros((4, 34), np.uint8), T.Q8_0)])
+
+
 def test_runs_inside_jit_and_vmap():
     _require('avx2')
     rng = np.random.default_rng(3)

@@ -28,7 +28,8 @@ import jax
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / 'cpu_gemv.cc', HERE / 'quant_matmul.cc')  # compiled in this order
-HEADERS = (HERE / 'spin_pool.h', HERE / 'quant_core.inc', HERE / 'quant_fused.inc')
+HEADERS = (HERE / 'spin_pool.h', HERE / 'quant_core.inc', HERE / 'quant_fused.inc',
+           HERE / 'quant_prefill.inc')
 FLAGS = ('-O3', '-std=c++17', '-fPIC')
 ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
 
@@ -37,6 +38,7 @@ TARGETS = {
     'rgj_gemv': 'RgjGemv',
     'rgj_gemv_input_major': 'RgjGemvInputMajor',
     'rgj_quant_matmul': 'RgjQuantMatmul',
+    'rgj_quant_matmul_multi': 'RgjQuantMatmulMulti',
 }
 
 _lock = threading.Lock()

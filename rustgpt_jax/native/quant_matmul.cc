@@ -73,7 +73,11 @@ struct Job {
   const int8_t* q;    // (rows, in) quantized x
   const float* d;     // (rows, in / 4) x's block scale per int32 lane
   const float* sums;  // (rows, n_sub) d * sum(q) per weight sub-block
-  float* y;           // (rows, out)
+  const int8_t* qi;   // q interleaved by 16 rows (quant_prefill.inc), for PrefillRows
+  const float* dx;    // d per activation block, interleaved likewise
+  const void* pre;    // each lane's start per weight sub-block (quant_prefill.inc)
+  float* y;           // (rows, ldy): this job's out columns of y
+  int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
   void (*rows_fn)(const Job&, int64_t, int64_t);
 };
@@ -126,6 +130,7 @@ struct Simd {
 
 #include "quant_core.inc"
 #include "quant_fused.inc"
+#include "quant_prefill.inc"
 
 }  // namespace
 }  // namespace avx512
@@ -197,58 +202,161 @@ struct Simd {
 
 namespace {
 
+// The jobs of one call, one per weight, and their chunks numbered one after another.
+struct Plan {
+  std::vector<Job> jobs;
+  std::vector<int64_t> first;  // first chunk of each job; the last entry is the total
+};
+
 void RunChunk(const void* context, int64_t index) {
-  const Job& job = *static_cast<const Job*>(context);
-  const int64_t r0 = index * job.chunk;
+  const Plan& plan = *static_cast<const Plan*>(context);
+  size_t p = 0;
+  while (plan.first[p + 1] <= index) ++p;  // a handful of parts: a scan is enough
+  const Job& job = plan.jobs[p];
+  const int64_t r0 = (index - plan.first[p]) * job.chunk;
   job.rows_fn(job, r0, r0 + job.chunk < job.out ? r0 + job.chunk : job.out);
+}
+
+// One weight of a call: its type and blocks (out, row_bytes).
+struct Part {
+  int64_t type;
+  const uint8_t* w;
+  int64_t out, row_bytes;
+};
+
+// y (rows, sum of outs) = [x . W_p^T for each part p], columns in part order. x is
+// quantized once per activation format the parts need (Q8_0 or Q8_K; the sub-block sums
+// once per sub-block size), and one pool dispatch runs the chunks of every part.
+ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>& parts,
+               float* y, int64_t threads, int64_t spin_us, int64_t isa) {
+  const Isa best = BestIsa();
+  if (isa == kBestIsa) isa = best;
+  if (best == kBestIsa || (isa == kAvx512Vnni && best != kAvx512Vnni))
+    return ffi::Error::InvalidArgument("rgj_quant_matmul: this CPU lacks the requested ISA");
+  int64_t total = 0;
+  for (const Part& part : parts) {
+    Format f;
+    if (!FormatOf(part.type, &f))
+      return ffi::Error::InvalidArgument("rgj_quant_matmul: unsupported ggml type");
+    if (part.row_bytes % f.bytes != 0 || part.row_bytes / f.bytes * f.values != in)
+      return ffi::Error::InvalidArgument(
+          "rgj_quant_matmul: blocks' row bytes do not hold x's in");
+    total += part.out;
+  }
+  if (rows == 0 || total == 0) return ffi::Error::Success();
+
+  // Quantized x per activation format (0: Q8_0, 1: Q8_K), sums per sub-block size within
+  // it (slot 0: Q8_0 by 32, 1: Q8_K by 32, 2: Q8_K by 16), filled on first use. The
+  // caller fills them once for every chunk; workers only read them.
+  thread_local std::vector<int8_t> q[2], qi[2];
+  thread_local std::vector<float> d[2], sums[3], dx[2];
+  thread_local std::vector<std::vector<int32_t>> pre;  // per part
+  bool quantized[2] = {false, false}, summed[3] = {false, false, false};
+  bool interleaved[2] = {false, false};
+  const bool vnni = isa == kAvx512Vnni;
+  const bool prefill = vnni && rows > avx512::kFusedRows;
+  if (pre.size() < parts.size()) pre.resize(parts.size());
+  // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
+  int64_t chunk = ((total + 31) / 32 + 3) / 4 * 4;
+  chunk = chunk < 8 ? 8 : chunk;
+  thread_local Plan plan;
+  plan.jobs.clear();
+  plan.first.assign(1, 0);
+  int64_t column = 0;
+  for (const Part& part : parts) {
+    Format f;
+    FormatOf(part.type, &f);
+    Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
+            nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total, chunk,
+            nullptr};
+    column += part.out;
+    const bool half = part.type == kF16 || part.type == kBF16;
+    if (!half) {
+      const int k = part.type == kQ8_0 || part.type == kQ4_0 ? 0 : 1;
+      const int slot = k == 0 ? 0 : f.sub == 32 ? 1 : 2;
+      if (!quantized[k]) {
+        q[k].resize(rows * in);
+        d[k].resize(rows * in / 4 + 1);
+        if (vnni) {
+          avx512::Quantize(k == 1, x, rows, in, q[k].data(), d[k].data());
+        } else {
+          avx2::Quantize(k == 1, x, rows, in, q[k].data(), d[k].data());
+        }
+        quantized[k] = true;
+      }
+      if (!summed[slot]) {
+        sums[slot].resize(rows * job.n_sub);
+        for (int64_t t = 0; t < rows; ++t)
+          avx2::SubSums(q[k].data() + t * in, d[k].data() + t * in / 4, in, f.sub,
+                        sums[slot].data() + t * job.n_sub);
+        summed[slot] = true;
+      }
+      job.q = q[k].data();
+      job.d = d[k].data();
+      job.sums = sums[slot].data();
+      if (prefill) {
+        const int64_t tiles = (rows + avx512::kLaneRows - 1) / avx512::kLaneRows;
+        const int64_t block = k == 0 ? 32 : 256;
+        if (!interleaved[k]) {
+          qi[k].resize(tiles * avx512::kLaneRows * in);
+          dx[k].resize(tiles * in / block * avx512::kLaneRows);
+          avx512::Interleave(q[k].data(), d[k].data(), rows, in, block, qi[k].data(),
+                             dx[k].data());
+          interleaved[k] = true;
+        }
+        std::vector<int32_t>& starts = pre[plan.jobs.size()];
+        starts.resize(tiles * job.n_sub * avx512::kLaneRows);
+        avx512::PrefillStarts(part.type, q[k].data(), rows, in, f.sub, starts.data());
+        job.qi = qi[k].data();
+        job.dx = dx[k].data();
+        job.pre = starts.data();
+      }
+    }
+    if (vnni) {
+      job.rows_fn = half ? avx512::Rows
+                         : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
+    } else {
+      job.rows_fn = avx2::Rows;
+    }
+    plan.jobs.push_back(job);
+    plan.first.push_back(plan.first.back() + (part.out + chunk - 1) / chunk);
+  }
+  rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
+  const int64_t chunks = plan.first.back();
+  if (pool.size() == 1 || chunks == 1 || !pool.TryRun(chunks, RunChunk, &plan))
+    for (const Job& job : plan.jobs) job.rows_fn(job, 0, job.out);
+  return ffi::Error::Success();
 }
 
 ffi::Error QuantMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t ggml_type, int64_t threads,
                        int64_t spin_us, int64_t isa) {
-  Format f;
-  if (!FormatOf(ggml_type, &f))
-    return ffi::Error::InvalidArgument("rgj_quant_matmul: unsupported ggml type");
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2)
     return ffi::Error::InvalidArgument("rgj_quant_matmul: x and blocks must be 2-D");
-  const int64_t rows = xd[0], in = xd[1], out = wd[0], row_bytes = wd[1];
-  if (row_bytes % f.bytes != 0 || row_bytes / f.bytes * f.values != in)
-    return ffi::Error::InvalidArgument("rgj_quant_matmul: blocks' row bytes do not hold x's in");
-  const Isa best = BestIsa();
-  if (isa == kBestIsa) isa = best;
-  if (best == kBestIsa || (isa == kAvx512Vnni && best != kAvx512Vnni))
-    return ffi::Error::InvalidArgument("rgj_quant_matmul: this CPU lacks the requested ISA");
-  if (rows == 0 || out == 0) return ffi::Error::Success();
+  return Run(x.typed_data(), xd[0], xd[1], {Part{ggml_type, w.typed_data(), wd[0], wd[1]}},
+             y->typed_data(), threads, spin_us, isa);
+}
 
-  Job job{ggml_type, rows, in, out, row_bytes, in / f.sub, x.typed_data(), w.typed_data(),
-          nullptr, nullptr, nullptr, y->typed_data(), 0, nullptr};
-  // The caller quantizes x once for every chunk; workers only read it.
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> d, sums;
-  q.resize(rows * in);
-  d.resize(rows * in / 4 + 1);
-  sums.resize(rows * job.n_sub);
-  job.q = q.data();
-  job.d = d.data();
-  job.sums = sums.data();
-  if (isa == kAvx512Vnni) {
-    avx512::Quantize(job, q.data(), d.data(), sums.data());
-    const bool fused = rows <= avx512::kFusedRows && ggml_type != kF16 && ggml_type != kBF16;
-    job.rows_fn = fused ? avx512::FusedRows : avx512::Rows;
-  } else {
-    avx2::Quantize(job, q.data(), d.data(), sums.data());
-    job.rows_fn = avx2::Rows;
+// quant_matmul_multi: the weights are the arguments after x, their types an attribute.
+ffi::Error QuantMatmulMulti(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                            ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> ggml_types,
+                            int64_t threads, int64_t spin_us, int64_t isa) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || weights.size() != ggml_types.size() || weights.empty())
+    return ffi::Error::InvalidArgument(
+        "rgj_quant_matmul_multi: x must be 2-D, with one ggml type per weight");
+  std::vector<Part> parts;
+  for (size_t p = 0; p < weights.size(); ++p) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(p);
+    if (w.has_error()) return w.error();
+    const auto wd = w->dimensions();
+    if (wd.size() != 2)
+      return ffi::Error::InvalidArgument("rgj_quant_matmul_multi: blocks must be 2-D");
+    parts.push_back(Part{ggml_types[p], w->typed_data(), wd[0], wd[1]});
   }
-  // About 32 chunks of whole four-row groups, at least 8 rows each.
-  int64_t chunk = ((out + 31) / 32 + 3) / 4 * 4;
-  job.chunk = chunk < 8 ? 8 : chunk;
-  rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
-  if (pool.size() == 1 || out <= job.chunk ||
-      !pool.TryRun((out + job.chunk - 1) / job.chunk, RunChunk, &job))
-    job.rows_fn(job, 0, out);
-  return ffi::Error::Success();
+  return Run(x.typed_data(), xd[0], xd[1], parts, y->typed_data(), threads, spin_us, isa);
 }
 
 }  // namespace
@@ -261,6 +369,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjQuantMatmul, QuantMatmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("ggml_type")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("spin_us")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjQuantMatmulMulti, QuantMatmulMulti,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("ggml_types")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("spin_us")
                                   .Attr<int64_t>("isa"));

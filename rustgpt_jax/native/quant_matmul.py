@@ -31,6 +31,7 @@ from rustgpt_jax.native import cpu_gemv
 T = GGMLQuantizationType
 SUPPORTED_TYPES = frozenset({T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K})
 TARGET = 'rgj_quant_matmul'
+MULTI_TARGET = 'rgj_quant_matmul_multi'
 ISAS = {'avx2': 1, 'avx512_vnni': 2}  # the kernel's `isa` attribute; 0 = the best here
 _Q8_0_ACTIVATIONS = frozenset({T.Q8_0, T.Q4_0})  # the rest of the integer types use Q8_K
 
@@ -140,30 +141,68 @@ def quant_matmul(x, blocks, ggml_type: int, threads: Optional[int] = None,
     Returns:
       (rows, out) float32. Not differentiable.
     """
+    _check_weight('quant_matmul', x, blocks, ggml_type)
+    _check_isa('quant_matmul', isa)
+    return _call(x, blocks, int(ggml_type), cpu_gemv.threads_setting(threads),
+                 cpu_gemv.spin_setting(spin_us), ISAS.get(isa, 0))
+
+
+def quant_matmul_multi(x, parts, threads: Optional[int] = None, spin_us: Optional[int] = None,
+                       isa: Optional[str] = None):
+    """y = concat_i(x . W_i^T) in one call, for weights that share the input x (q/k/v,
+    gate/up).
+
+    x is quantized once per activation format the parts need, and one pool dispatch
+    spreads the chunks of every part over the threads, so small products (k and v at
+    decode) do not each pay a dispatch. Equal, bit for bit, to concatenating the
+    `quant_matmul` of each part.
+
+    Args:
+      x: (rows, in) float32.
+      parts: [(blocks_i (out_i, row_bytes_i) uint8, ggml_type_i), ...], at least one; the
+        types may differ, every W_i has x's `in`.
+      threads, spin_us, isa: as in `quant_matmul`.
+
+    Returns:
+      (rows, sum of out_i) float32, part i in columns [sum_{j<i} out_j, ... + out_i).
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError('quant_matmul_multi: parts is empty')
+    for blocks, ggml_type in parts:
+        _check_weight('quant_matmul_multi', x, blocks, ggml_type)
+    _check_isa('quant_matmul_multi', isa)
+    return _call_multi(x, tuple(b for b, _ in parts), tuple(int(t) for _, t in parts),
+                       cpu_gemv.threads_setting(threads), cpu_gemv.spin_setting(spin_us),
+                       ISAS.get(isa, 0))
+
+
+def _check_weight(name: str, x, blocks, ggml_type) -> None:
     values, size = _format(ggml_type)
     if x.ndim != 2 or blocks.ndim != 2:
-        raise ValueError(f'quant_matmul: expected x (rows, in) and blocks (out, row_bytes), '
+        raise ValueError(f'{name}: expected x (rows, in) and blocks (out, row_bytes), '
                          f'got {x.shape} and {blocks.shape}')
     if x.dtype != jnp.float32:
-        raise ValueError(f'quant_matmul: x must be float32, got {x.dtype}')
+        raise ValueError(f'{name}: x must be float32, got {x.dtype}')
     if blocks.dtype != jnp.uint8:
-        raise ValueError(f'quant_matmul: blocks must be uint8, got {blocks.dtype}')
+        raise ValueError(f'{name}: blocks must be uint8, got {blocks.dtype}')
     if blocks.shape[1] % size:
-        raise ValueError(f'quant_matmul: row_bytes={blocks.shape[1]} is not a whole number of '
+        raise ValueError(f'{name}: row_bytes={blocks.shape[1]} is not a whole number of '
                          f'{T(int(ggml_type)).name} blocks ({size} bytes)')
     if blocks.shape[1] // size * values != x.shape[1]:
-        raise ValueError(f'quant_matmul: blocks hold in={blocks.shape[1] // size * values} '
+        raise ValueError(f'{name}: blocks hold in={blocks.shape[1] // size * values} '
                          f'values per row, x has in={x.shape[1]}')
     if x.shape[0] < 1 or blocks.shape[0] < 1:
-        raise ValueError(f'quant_matmul: empty operands {x.shape} and {blocks.shape}')
+        raise ValueError(f'{name}: empty operands {x.shape} and {blocks.shape}')
+
+
+def _check_isa(name: str, isa: Optional[str]) -> None:
     if isa is not None and isa not in ISAS:
-        raise ValueError(f'quant_matmul: isa must be None or one of {sorted(ISAS)}, got {isa!r}')
+        raise ValueError(f'{name}: isa must be None or one of {sorted(ISAS)}, got {isa!r}')
     if not available():
         raise RuntimeError(f'the quant_matmul kernel is unavailable: {unavailable_reason()}')
     if isa == 'avx512_vnni' and _best_isa() != 'avx512_vnni':
-        raise ValueError('quant_matmul: this CPU has no AVX-512 VNNI')
-    return _call(x, blocks, int(ggml_type), cpu_gemv.threads_setting(threads),
-                 cpu_gemv.spin_setting(spin_us), ISAS.get(isa, 0))
+        raise ValueError(f'{name}: this CPU has no AVX-512 VNNI')
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
@@ -171,6 +210,16 @@ def _call(x, blocks, ggml_type, threads, spin_us, isa_code):
     return jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((x.shape[0], blocks.shape[0]), jnp.float32),
         vmap_method='sequential')(x, blocks, ggml_type=np.int64(ggml_type),
+                                  threads=np.int64(threads), spin_us=np.int64(spin_us),
+                                  isa=np.int64(isa_code))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _call_multi(x, blocks, ggml_types, threads, spin_us, isa_code):
+    out = sum(b.shape[0] for b in blocks)
+    return jax.ffi.ffi_call(
+        MULTI_TARGET, jax.ShapeDtypeStruct((x.shape[0], out), jnp.float32),
+        vmap_method='sequential')(x, *blocks, ggml_types=np.array(ggml_types, np.int64),
                                   threads=np.int64(threads), spin_us=np.int64(spin_us),
                                   isa=np.int64(isa_code))
 

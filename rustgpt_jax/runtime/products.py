@@ -180,14 +180,16 @@ def quantized_matmul(x, w, *, dtype, execution: Execution, name: str = 'projecti
                          f'{w!r} takes {w.in_features}')
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    parts = _parts(w)
     if _uses_quant_kernel(execution, x2.shape[0], w):
-        ys = [quant_matmul.quant_matmul(x2, p.blocks, p.ggml_type, execution.gemv_threads,
-                                        execution.gemv_spin_us) for p in _parts(w)]
+        # One call for every part (x quantized once, one dispatch of the worker pool).
+        y = quant_matmul.quant_matmul_multi(x2, [(p.blocks, p.ggml_type) for p in parts],
+                                            execution.gemv_threads, execution.gemv_spin_us)
     else:
         ys = [jnp.einsum('ni,oi->no', quant.quantize_activations(x2, p.ggml_type).astype(dtype),
                          quant.dequantize(p, dtype), preferred_element_type=jnp.float32)
-              for p in _parts(w)]
-    y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
+              for p in parts]
+        y = ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
     return y.reshape(lead + (w.out_features,))
 
 

@@ -22,9 +22,6 @@ from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 # Row blocks and the matrix-vector kernel apply to products of at most this many input
 # rows (decode steps up to batch 8): larger ones (prefill, training) keep XLA's dot.
 MATVEC_MAX_ROWS = cpu_gemv.MAX_ROWS
-# Products with quantized weights of at most this many rows run in the native kernel
-# under CPU_GEMV; longer prompts use the XLA form (benchmarks/RESULTS.md, "GGUF").
-QUANT_KERNEL_MAX_ROWS = 1 << 30
 
 
 def _uses_gemv(execution: Execution, x, w) -> bool:
@@ -147,9 +144,11 @@ def _parts(w) -> tuple:
     return w.parts if isinstance(w, quant.QConcat) else (w,)
 
 
-def _uses_quant_kernel(execution: Execution, rows: int, w) -> bool:
-    """Whether a product of `rows` rows with `w` runs in `native.quant_matmul`."""
-    if execution.matvec != MatvecImpl.CPU_GEMV or rows > QUANT_KERNEL_MAX_ROWS:
+def _uses_quant_kernel(execution: Execution, w) -> bool:
+    """Whether a product of `rows` rows with `w` runs in `native.quant_matmul`: at any
+    row count, prompts included (its batched form beat dequantise + XLA's float32 dot:
+    benchmarks/RESULTS.md, "GGUF")."""
+    if execution.matvec != MatvecImpl.CPU_GEMV:
         return False
     if any(p.ggml_type not in quant_matmul.SUPPORTED_TYPES for p in _parts(w)):
         return False
@@ -181,7 +180,7 @@ def quantized_matmul(x, w, *, dtype, execution: Execution, name: str = 'projecti
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     parts = _parts(w)
-    if _uses_quant_kernel(execution, x2.shape[0], w):
+    if _uses_quant_kernel(execution, w):
         # One call for every part (x quantized once, one dispatch of the worker pool).
         y = quant_matmul.quant_matmul_multi(x2, [(p.blocks, p.ggml_type) for p in parts],
                                             execution.gemv_threads, execution.gemv_spin_us)

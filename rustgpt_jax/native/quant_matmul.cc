@@ -253,8 +253,9 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   thread_local std::vector<float> d[2], sums[3], dx[2];
   thread_local std::vector<std::vector<int32_t>> pre;  // per part
   thread_local std::vector<int32_t> starts[2];          // decode lane starts: Q8_0, Q4_0
+  thread_local std::vector<int8_t> q_k4;                // decode Q8_K in FusedK4's order
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
-  bool started[2] = {false, false};
+  bool started[2] = {false, false}, permuted = false;
   bool interleaved[2] = {false, false};
   const bool vnni = isa == kAvx512Vnni;
   const bool prefill = vnni && rows > avx512::kFusedRows;
@@ -305,6 +306,14 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
           started[four] = true;
         }
         job.starts = starts[four].data();
+      }
+      if (vnni && !prefill && (part.type == kQ4_K || part.type == kQ5_K)) {
+        if (!permuted) {
+          q_k4.resize(rows * in);
+          avx512::PermuteK4(q[1].data(), rows, in, q_k4.data());
+          permuted = true;
+        }
+        job.q = q_k4.data();
       }
       if (prefill) {
         const int64_t tiles = (rows + avx512::kLaneRows - 1) / avx512::kLaneRows;

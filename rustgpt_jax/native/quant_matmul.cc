@@ -76,6 +76,7 @@ struct Job {
   const int8_t* qi;   // q interleaved by 16 rows (quant_prefill.inc), for PrefillRows
   const float* dx;    // d per activation block, interleaved likewise
   const void* pre;    // each lane's start per weight sub-block (quant_prefill.inc)
+  const int32_t* starts;  // (rows, in / 4) each lane's start for Q8_0/Q4_0 (quant_fused.inc)
   float* y;           // (rows, ldy): this job's out columns of y
   int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
@@ -251,7 +252,10 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   thread_local std::vector<int8_t> q[2], qi[2];
   thread_local std::vector<float> d[2], sums[3], dx[2];
   thread_local std::vector<std::vector<int32_t>> pre;  // per part
+  thread_local std::vector<int32_t> starts[2];          // decode lane starts: Q8_0, Q4_0
+  thread_local std::vector<int8_t> q_k4;                // decode Q8_K in FusedK4's order
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
+  bool started[2] = {false, false}, permuted = false;
   bool interleaved[2] = {false, false};
   const bool vnni = isa == kAvx512Vnni;
   const bool prefill = vnni && rows > avx512::kFusedRows;
@@ -267,8 +271,8 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
     Format f;
     FormatOf(part.type, &f);
     Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
-            nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total, chunk,
-            nullptr};
+            nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total,
+            chunk, nullptr};
     column += part.out;
     const bool half = part.type == kF16 || part.type == kBF16;
     if (!half) {
@@ -294,6 +298,23 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       job.q = q[k].data();
       job.d = d[k].data();
       job.sums = sums[slot].data();
+      if (vnni && !prefill && k == 0) {
+        const int four = part.type == kQ4_0 ? 1 : 0;
+        if (!started[four]) {
+          starts[four].resize(rows * in / 4);
+          avx512::LaneStarts(q[0].data(), rows, in, four ? 8 : 128, starts[four].data());
+          started[four] = true;
+        }
+        job.starts = starts[four].data();
+      }
+      if (vnni && !prefill && (part.type == kQ4_K || part.type == kQ5_K)) {
+        if (!permuted) {
+          q_k4.resize(rows * in);
+          avx512::PermuteK4(q[1].data(), rows, in, q_k4.data());
+          permuted = true;
+        }
+        job.q = q_k4.data();
+      }
       if (prefill) {
         const int64_t tiles = (rows + avx512::kLaneRows - 1) / avx512::kLaneRows;
         const int64_t block = k == 0 ? 32 : 256;

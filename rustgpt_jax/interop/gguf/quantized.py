@@ -26,21 +26,21 @@ from rustgpt_jax.interop.gguf.reader import GGUFHeader, TensorInfo
 from rustgpt_jax.quant import BLOCK_TYPES, QArray
 
 ALIGN = 64  # what XLA:CPU needs to alias a host buffer instead of copying it
-HUGE = 1 << 21  # buffers from this size up are huge-page mappings
+LARGE = 1 << 21  # buffers from this size up are anonymous mappings
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 buffer whose data starts on an ALIGN-byte boundary.
 
-    Large ones are private anonymous mappings (asking for transparent huge pages):
-    first-touch page faults dominate filling fresh memory on a VM, and pread filled
-    np.empty buffers at 0.4 GB/s here against 1.3-2.3 GB/s for such a mapping (AMD EPYC
-    VM, 256-512 MB reads from the page cache). A mapping is page-aligned, so ALIGN-aligned.
+    Large ones are private anonymous mappings: first-touch page faults dominate filling
+    fresh memory on a VM, and pread filled np.empty buffers at 0.4 GB/s here against
+    1.7-2.1 GB/s for such a mapping (AMD EPYC VM, 256 MB reads from the page cache). No
+    MADV_HUGEPAGE: with THP defrag=madvise its faults compact memory synchronously, and
+    loads after other large allocations stalled (Q4_K_M: 0.9 s became 4.5 s). A mapping is
+    page-aligned, so ALIGN-aligned.
     """
-    if nbytes >= HUGE:
+    if nbytes >= LARGE:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, 'MADV_HUGEPAGE'):
-            region.madvise(mmap.MADV_HUGEPAGE)
         return np.frombuffer(region, np.uint8)  # keeps `region` alive
     base = np.empty(nbytes + ALIGN, np.uint8)
     start = -base.ctypes.data % ALIGN

@@ -60,15 +60,6 @@ MODEL = dict(vocab_size=32000, embed_dim=768, hidden_dim=2048, num_layers=12, nu
              num_kv_heads=12, max_seq_len=256)
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes moved per second (read + write) by numpy copying a large buffer."""
-    src = np.ones(megabytes * 2**20 // 4, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return 2 * src.nbytes / best
-
-
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -175,7 +166,7 @@ def main():
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
     weight_bytes = (n_params - config.vocab_size * config.embed_dim) * 4
-    bandwidth = copy_bandwidth()
+    bandwidth = machine.copy_bandwidth()
     bound = bandwidth / weight_bytes  # batch-1 tokens/s if only weight reads cost time
     info = machine.describe()
     print(machine.banner(info))

@@ -54,18 +54,6 @@ def _random_params(config, seed=0):
                        'ffn_norm': {'scale': np.ones((lc, d), np.float32)}}}
 
 
-def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 3) -> float:
-    """Bytes/s of a large numpy copy (read + write counted)."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    best = float('inf')
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
-
-
 def weight_bytes_per_token(path: str) -> int:
     """Bytes of every tensor a decode step reads: all but the embedding table (one row)."""
     from rustgpt_jax.interop.gguf import read_header
@@ -221,7 +209,7 @@ def main():
     config = (ModelConfig(vocab_size=4096, embed_dim=512, hidden_dim=1536, num_layers=4,
                           num_heads=8, num_kv_heads=2, max_seq_len=2048)
               if args.small else tinyllama_1_1b())
-    bandwidth = copy_bandwidth()
+    bandwidth = machine.copy_bandwidth()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         files = make_files(config, args.ftypes.split(','), tmp, args.threads)

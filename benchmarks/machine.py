@@ -31,3 +31,20 @@ def describe() -> dict:
 def banner(info: dict) -> str:
     return (f"machine: {info['cpu']} ({info['cpus']} CPUs allowed; "
             f"{' '.join(info['flags']) or 'none of ' + ' '.join(FLAGS)})")
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by numpy copying an `nbytes` buffer, best of
+    `repeats` (one thread). The "bound" of the decode benchmarks divides by this."""
+    import time
+
+    import numpy as np
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best

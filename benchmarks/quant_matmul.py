@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 sys.path.insert(0, os.path.dirname(__file__))
-from machine import banner, describe  # noqa: E402
+from machine import banner, copy_bandwidth, describe  # noqa: E402
 from timing import best_seconds  # noqa: E402
 
 from rustgpt_jax.native import quant_matmul as qm  # noqa: E402
@@ -55,17 +54,6 @@ def random_blocks(kind, out: int, n_in: int, rng) -> np.ndarray:
     for offset in SCALES[kind]:
         blocks[..., offset:offset + 2] = np.array([0.01], np.float16).view(np.uint8)
     return blocks.reshape(out, -1)
-
-
-def copy_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    src = np.ones(nbytes, np.uint8)
-    dst = np.empty_like(src)
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
 
 
 def chain_seconds(kind, blocks_list, x, threads: int) -> float:
@@ -139,7 +127,7 @@ def main():
     print(banner(info))
     if not qm.available():
         raise SystemExit(f'quant_matmul is unavailable: {qm.unavailable_reason()}')
-    copy = copy_gbps()
+    copy = copy_bandwidth(256 << 20) / 2 / 1e9  # GB/s copied (one direction)
     print(f'kernel ISA: {qm.isa()}; threads: {args.threads}; numpy copy: {copy:.1f} GB/s read')
     print(f"{'type':6} {'out x in':>11} {'rows':>4} {'us':>9} {'GB/s':>6} {'/copy':>6} "
           f"{'GFLOP/s':>8} {'XLA f32':>8}")

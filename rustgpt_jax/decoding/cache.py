@@ -223,20 +223,11 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
     Returns:
       The `DecodeModel`.
     """
-    if any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
-            params, is_leaf=quant.is_quantized)):
-        # GGUF weights kept in their encodings (`load_gguf(quantized=True)`), already
-        # unrolled. Packing stacks q/k/v and gate/up as `quant.QConcat`s without copying
-        # (a QArray is output-major by nature), so each is one kernel call; row blocks
-        # are a float-kernel device and do not apply.
-        config, params = unstack_layers(config, params)
-        if not params_packed:
-            params = pack_projections(params)
-        if matvec is None:
-            matvec = default_matvec_impl(config, directory=kernel_cache_dir, quantized=True)
-        execution = Execution(packed=True, matvec=matvec, gemv_threads=gemv_threads,
-                              gemv_spin_us=gemv_spin_us, kernel_cache_dir=kernel_cache_dir)
-        return DecodeModel(config, params, execution)
+    # GGUF weights kept in their encodings (`load_gguf(quantized=True)`) pack too: q/k/v
+    # and gate/up become `quant.QConcat`s without copying (a QArray is output-major by
+    # nature), one kernel call each. Row blocks are a float-kernel device: none for them.
+    quantized = any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
+        params, is_leaf=quant.is_quantized))
     if params_packed or not config.scan_layers:
         config, params = unstack_layers(config, params)
         if not params_packed:
@@ -246,9 +237,9 @@ def prepare_for_decode(config: ModelConfig, params, *, params_packed: bool = Fal
         # params plus one more copy, not stacked + unrolled + packed.
         config, params = unstack_layers(config, params, per_layer=pack_blocks)
     if row_blocks is None:
-        row_blocks = default_row_blocks(config)
+        row_blocks = () if quantized else default_row_blocks(config)
     if matvec is None:
-        matvec = default_matvec_impl(config, directory=kernel_cache_dir)
+        matvec = default_matvec_impl(config, directory=kernel_cache_dir, quantized=quantized)
     execution = Execution(packed=True, row_blocks=row_blocks, matvec=matvec,
                           gemv_threads=gemv_threads, gemv_spin_us=gemv_spin_us,
                           kernel_cache_dir=kernel_cache_dir)

@@ -72,12 +72,11 @@ def _split(w, bounds, axis: int):
     """The inverse of `_concat` at `bounds` [(start, stop), ...] along `axis`."""
     if not quant.is_quantized(w):
         return [w[(slice(None),) * axis + (slice(a, b),)] for a, b in bounds]
-    parts = w.parts if isinstance(w, quant.QConcat) else (w,)
-    sizes = [b - a for a, b in bounds]
+    parts = quant.parts(w)
     if len(parts) != len(bounds):
         raise ValueError(f'cannot split the quantized kernel {w!r} into {len(bounds)} parts')
-    return [quant.relabel(p, w.shape[:axis] + (size,) + w.shape[axis + 1:])
-            for p, size in zip(parts, sizes)]
+    return [quant.relabel(p, w.shape[:axis] + (b - a,) + w.shape[axis + 1:])
+            for p, (a, b) in zip(parts, bounds)]
 
 
 def _lead(name: str, kernel) -> int:

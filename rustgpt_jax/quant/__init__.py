@@ -12,11 +12,12 @@ from rustgpt_jax.quant.qarray import (
     concat_rows,
     dequantize,
     is_quantized,
+    parts,
     quantize_activations,
     relabel,
     take_rows,
 )
 
 __all__ = ['BLOCK_TYPES', 'QArray', 'QConcat', 'block_size', 'concat_rows', 'dequantize',
-           'is_quantized', 'quantize_activations', 'relabel', 'row_bytes', 'take_rows',
+           'is_quantized', 'parts', 'quantize_activations', 'relabel', 'row_bytes', 'take_rows',
            'type_name']

@@ -151,20 +151,21 @@ def relabel(q, shape: tuple):
     return QArray(q.blocks, q.ggml_type, shape)
 
 
-def concat_rows(parts, shape: tuple) -> QConcat:
+def parts(q) -> tuple:
+    """The QArrays of a QArray (itself) or of a QConcat, in row order."""
+    return q.parts if isinstance(q, QConcat) else (q,)
+
+
+def concat_rows(matrices, shape: tuple) -> QConcat:
     """[W_0; W_1; ...] of QArrays (or QConcats, flattened) under the logical `shape`."""
-    flat = []
-    for p in parts:
-        flat.extend(p.parts if isinstance(p, QConcat) else (p,))
-    return QConcat(tuple(flat), shape)
+    return QConcat(tuple(p for m in matrices for p in parts(m)), shape)
 
 
 def dequantize(q, dtype=jnp.float32) -> jax.Array:
     """W (out, in) of a QArray or QConcat in `dtype`, computed with jnp (inside a jitted
     step XLA fuses it)."""
-    if isinstance(q, QConcat):
-        return jnp.concatenate([dequantize(p, dtype) for p in q.parts], axis=0)
-    return _decode_rows(q.blocks, q.ggml_type).astype(dtype)
+    return jnp.concatenate([_decode_rows(p.blocks, p.ggml_type).astype(dtype)
+                            for p in parts(q)], axis=0)
 
 
 def take_rows(q: QArray, ids, dtype=jnp.float32) -> jax.Array:

@@ -139,18 +139,13 @@ def logits(x, table, *, table_output_major: bool, dtype, execution: Execution):
     return y.astype(jnp.float32)
 
 
-def _parts(w) -> tuple:
-    """The QArrays of a QArray or QConcat."""
-    return w.parts if isinstance(w, quant.QConcat) else (w,)
-
-
 def _uses_quant_kernel(execution: Execution, w) -> bool:
     """Whether a product of `rows` rows with `w` runs in `native.quant_matmul`: at any
     row count, prompts included (its batched form beat dequantise + XLA's float32 dot:
     benchmarks/RESULTS.md, "GGUF")."""
     if execution.matvec != MatvecImpl.CPU_GEMV:
         return False
-    if any(p.ggml_type not in quant_matmul.SUPPORTED_TYPES for p in _parts(w)):
+    if any(p.ggml_type not in quant_matmul.SUPPORTED_TYPES for p in quant.parts(w)):
         return False
     if not quant_matmul.available(execution.kernel_cache_dir):
         quant_matmul.warn_unavailable_once()
@@ -179,7 +174,7 @@ def quantized_matmul(x, w, *, dtype, execution: Execution, name: str = 'projecti
                          f'{w!r} takes {w.in_features}')
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    parts = _parts(w)
+    parts = quant.parts(w)
     if _uses_quant_kernel(execution, w):
         # One call for every part (x quantized once, one dispatch of the worker pool).
         y = quant_matmul.quant_matmul_multi(x2, [(p.blocks, p.ggml_type) for p in parts],

@@ -16,6 +16,7 @@ import gguf
 import jax
 import numpy as np
 
+from rustgpt_jax import quant
 from rustgpt_jax.config import (
     Architecture,
     AttentionVariant,
@@ -38,7 +39,6 @@ from rustgpt_jax.interop.gguf.tokenizer import (
     GGUFTokenizer,
 )
 from rustgpt_jax.interop.hf import params_to_hf
-from rustgpt_jax.quant import QArray
 
 # name -> (GGMLQuantizationType name, LlamaFileType value)
 FILE_TYPES = {'f32': ('F32', 0), 'f16': ('F16', 1), 'bf16': ('BF16', 32), 'q8_0': ('Q8_0', 7),
@@ -201,8 +201,8 @@ def save_gguf(path: str, config: ModelConfig, params, tokenizer=None, ftype: str
     qtype_name, file_type = FILE_TYPES[ftype]
     params = flax.core.meta.unbox(params)
     encode = lambda name, w: _encode(name, w, qtype_name)
-    if any(isinstance(leaf, QArray) for leaf in jax.tree_util.tree_leaves(
-            params, is_leaf=lambda x: isinstance(x, QArray))):
+    if any(quant.is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(
+            params, is_leaf=quant.is_quantized)):
         # Quantized params (load_gguf(quantized=True)): blocks are written as they are.
         tensors = export_tensors(params, config, encode, permute_qk)
     else:

@@ -127,6 +127,19 @@ def test_default_block_sizes_and_dispatch():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_default_tiles_shrink_with_batch_and_heads():
+    """for_xla keeps a tile's logits over batch x heads within 2^19 floats; the default
+    tiles of a training-sized batch (several blocks, ragged T) match the reference."""
+    assert blocked.BlockSizes.for_xla(8) == blocked.BlockSizes(256, 256)
+    assert blocked.BlockSizes.for_xla(64) == blocked.BlockSizes(64, 64)
+    assert blocked.BlockSizes.for_xla(1 << 20) == blocked.BlockSizes(16, 16)
+    b, t = 16, 150  # 16 x 4 query heads: 64 x 64 tiles, three query and key blocks
+    q, k, v, ct = _inputs(6, b, t, *HEADS['gqa'])
+    window, pos, seg = _mask_case('causal', b, t)
+    assert blocked.BlockSizes.for_xla(b * q.shape[2]).block_q == 64
+    _check(q, k, v, ct, window, pos, seg, None, tol=1e-5)
+
+
 def test_changing_window_does_not_retrace():
     b, t = 2, 21
     q, k, v, ct = _inputs(4, b, t, *HEADS['mqa'])

@@ -152,34 +152,24 @@ def _forward(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound):
 
 
 def _backward(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound, out, lse, do):
-    """Blocked backward pass: returns dq, dk, dv in the tile layouts of q, k, v."""
-    nq, nk = qb.shape[0], kb.shape[0]
+    """Blocked backward pass: returns dq, dk, dv in the tile layouts of q, k, v.
+
+    One pass over the tiles (FlashAttention-2, Alg. 2): key blocks outermost, each
+    visiting the query blocks that can see it, with dq accumulated tile by tile in the
+    carried (nq, ...) buffer. Every visited tile recomputes its probabilities once; a
+    dq loop and a separate dk/dv loop would compute q.k^T, exp and dO.v^T twice.
+    """
+    nq = qb.shape[0]
     # D_i = sum_h dO_ih O_ih, the softmax-Jacobian correction (FlashAttention-2, Alg. 2).
     delta = jnp.einsum('nbkgqh,nbkgqh->nbkgq', do.astype(jnp.float32),
                        out.astype(jnp.float32))
 
-    def dq_block(args):
-        i, q, qp, qs, lse_i, do_i, d_i = args
-        lo, hi = _kv_range(i, bound, bs, nk)
-
-        def body(j, dq):
-            ks = None if kseg is None else kseg[j]
-            p = _probs(q, kb[j], qp, kpos[j], window, qs, ks, lse_i, scale)
-            dp = jnp.einsum('bkgqh,bksh->bkgqs', do_i, vb[j],
-                            preferred_element_type=jnp.float32)
-            ds = (p * (dp - d_i[..., None])).astype(kb.dtype)
-            return dq + jnp.einsum('bkgqs,bksh->bkgqh', ds, kb[j],
-                                   preferred_element_type=jnp.float32)
-
-        dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
-        return (dq * scale).astype(qb.dtype)
-
-    def dkv_block(args):
+    def kv_block(dq, args):
         c, k, v, kp, ks = args
         lo, hi = _q_range(c, bound, bs, nq)
 
         def body(i, carry):
-            dk, dv = carry
+            dk, dv, dq = carry
             qs = None if qseg is None else qseg[i]
             p = _probs(qb[i], k, qpos[i], kp, window, qs, ks, lse[i], scale)
             dv = dv + jnp.einsum('bkgqs,bkgqh->bksh', p.astype(do.dtype), do[i],
@@ -189,16 +179,18 @@ def _backward(scale, bs, qb, kb, vb, qpos, kpos, qseg, kseg, window, bound, out,
             ds = (p * (dp - delta[i][..., None])).astype(qb.dtype)
             dk = dk + jnp.einsum('bkgqs,bkgqh->bksh', ds, qb[i],
                                  preferred_element_type=jnp.float32)
-            return dk, dv
+            dq = dq.at[i].add(jnp.einsum('bkgqs,bksh->bkgqh', ds, k,
+                                         preferred_element_type=jnp.float32))
+            return dk, dv, dq
 
         zeros = jnp.zeros(k.shape, jnp.float32)
-        dk, dv = lax.fori_loop(lo, hi, body, (zeros, zeros))
-        return (dk * scale).astype(kb.dtype), dv.astype(vb.dtype)
+        dk, dv, dq = lax.fori_loop(lo, hi, body, (zeros, zeros, dq))
+        return dq, ((dk * scale).astype(kb.dtype), dv.astype(vb.dtype))
 
-    dq = lax.map(dq_block, (jnp.arange(nq, dtype=jnp.int32), qb, qpos, qseg, lse, do,
-                            delta))
-    dk, dv = lax.map(dkv_block, (jnp.arange(nk, dtype=jnp.int32), kb, vb, kpos, kseg))
-    return dq, dk, dv
+    nk = kb.shape[0]
+    dq, (dk, dv) = lax.scan(kv_block, jnp.zeros(qb.shape, jnp.float32),
+                            (jnp.arange(nk, dtype=jnp.int32), kb, vb, kpos, kseg))
+    return (dq * scale).astype(qb.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -263,14 +255,14 @@ def blocked_attention(q, k, v, *, q_positions, kv_positions, window=masks_lib.NO
         windows bound the loops by their maximum and mask each row by its own.
       q_segment_ids, kv_segment_ids: optional (B, T) int32 packed-sequence ids.
       scale: logit scale, default 1/sqrt(H).
-      block_sizes: tile sizes, default `BlockSizes.for_xla()`.
+      block_sizes: tile sizes, default `BlockSizes.for_xla(B * N)`.
 
     Returns:
       (B, T, N, H) in q's dtype.
     """
     _check_shapes(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    bs = BlockSizes.for_xla() if block_sizes is None else block_sizes
     b, t, n, h = q.shape
+    bs = BlockSizes.for_xla(b * n) if block_sizes is None else block_sizes
     kv_heads = k.shape[2]
     scale = h ** -0.5 if scale is None else float(scale)
     window = jnp.asarray(window, jnp.int32)

@@ -60,9 +60,21 @@ class BlockSizes:
         return self
 
     @classmethod
-    def for_xla(cls) -> 'BlockSizes':
-        """The XLA loops' default (tuned on XLA:CPU, benchmarks/attention_scaling.py)."""
-        return cls(block_q=256, block_k=256)
+    def for_xla(cls, batch_heads: int = 8) -> 'BlockSizes':
+        """The XLA loops' default for `batch_heads` (batch x query heads) tiles at once.
+
+        Square tiles of the largest power of 2 up to 256 whose logits, over the whole
+        batch and every head, hold at most 2^19 floats (2 MB): XLA runs each tile's
+        elementwise work as whole-array passes, which stay in cache only while the
+        tile does. At batch 1 with 8 heads that is 256 (long sequences,
+        benchmarks/attention_scaling.py); a training batch of 8 x 8 heads gets 64,
+        which halved attention's forward + backward against 256 at T = 256 and 512
+        (benchmarks/RESULTS.md, "Training throughput").
+        """
+        block = 256
+        while block > 16 and batch_heads * block * block > 1 << 19:
+            block //= 2
+        return cls(block_q=block, block_k=block)
 
     @classmethod
     def for_triton(cls) -> 'BlockSizes':

@@ -69,16 +69,29 @@ def test_swiglu():
     _check_layer_grads(module, params, x)
 
 
-def test_silu_values_and_derivative_match_numpy():
-    """The custom-JVP silu: values, first and second derivatives vs closed forms in float64."""
-    from rustgpt_jax.nn.feed_forward import silu
-    x = np.concatenate([np.linspace(-30, 30, 601), [-100.0, 100.0]])
-    s = 1 / (1 + np.exp(-x))
-    np.testing.assert_allclose(silu(jnp.asarray(x, jnp.float32)), x * s, rtol=1e-6, atol=1e-6)
-    grad = jax.vmap(jax.grad(silu))(jnp.asarray(x, jnp.float32))
-    np.testing.assert_allclose(grad, s * (1 + x * (1 - s)), rtol=1e-5, atol=1e-6)
-    assert np.all(np.isfinite(np.asarray(grad)))
-    check_grads(silu, (jnp.linspace(-4.0, 4.0, 9),), order=2, modes=['fwd', 'rev'], atol=1e-2)
+def test_swiglu_values_and_gradients_match_numpy():
+    """The custom-VJP swiglu and swiglu_packed: values and both cotangents vs closed forms
+    in float64, including saturated gates."""
+    from rustgpt_jax.nn.feed_forward import swiglu, swiglu_packed
+    g = np.concatenate([np.linspace(-30, 30, 601), [-100.0, 100.0]])
+    u = np.cos(g) + 0.5
+    dh = np.sin(3 * g) + 0.25
+    s = 1 / (1 + np.exp(-g))
+    value = g * s * u
+    d_gate = dh * u * s * (1 + g * (1 - s))
+    d_up = dh * g * s
+    g32, u32, dh32 = (jnp.asarray(a, jnp.float32) for a in (g, u, dh))
+    out, vjp = jax.vjp(swiglu, g32, u32)
+    np.testing.assert_allclose(out, value, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(dh32), (d_gate, d_up)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.all(np.isfinite(np.asarray(got)))
+    out, vjp = jax.vjp(swiglu_packed, jnp.concatenate([g32, u32])[None])
+    np.testing.assert_allclose(out[0], value, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vjp(dh32[None])[0][0], np.concatenate([d_gate, d_up]),
+                               rtol=1e-5, atol=1e-5)
+    check_grads(swiglu, (jnp.linspace(-4.0, 4.0, 9), jnp.linspace(1.0, 2.0, 9)), order=1,
+                modes=['rev'], atol=1e-2)
 
 
 def test_relu_feed_forward():

@@ -40,24 +40,70 @@ def _project(ffn, name, x, features, kernel_axes):
                  dtype=ffn.dtype, param_dtype=ffn.param_dtype, execution=ffn.execution)
 
 
-@jax.custom_jvp
-def silu(x):
-    """x * sigmoid(x), the same values as `jax.nn.silu`, with a constant-free derivative.
+def _swiglu_grads(gate, up, dh):
+    """(d gate, d up) of silu(gate) * up, in float32.
 
-    silu'(x) = s + x * s * (1 - s), s = sigmoid(x), written with 1 - s = sigmoid(-x). In the
-    backward pass XLA:CPU fuses this derivative into the transposed copy that feeds the
-    W1 weight-gradient dot; with the broadcast constant `1` inside, that fusion takes the
-    slow generic loop emitter (benchmarks/RESULTS.md, "training"). The derivative is
-    exact, only the expression differs.
+    silu'(g) = s + g s (1 - s), s = sigmoid(g), written with 1 - s = sigmoid(-g): with the
+    broadcast constant `1` inside, XLA:CPU put this derivative in a transposed fusion
+    with its slow generic loop emitter (benchmarks/RESULTS.md, "Training throughput").
     """
-    return x * jax.nn.sigmoid(x)
+    g, u, dh = (a.astype(jnp.float32) for a in (gate, up, dh))
+    s = jax.nn.sigmoid(g)
+    silu = g * s
+    return dh * u * (s + silu * jax.nn.sigmoid(-g)), dh * silu
 
 
-@silu.defjvp
-def _silu_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    s = jax.nn.sigmoid(x)
-    return x * s, dx * (s + x * s * jax.nn.sigmoid(-x))
+@jax.custom_vjp
+def swiglu(gate, up):
+    """silu(gate) * up with a hand-written backward pass.
+
+    Args: gate, up (..., F). Returns (..., F).
+
+    Why custom: autodiff of the product keeps silu's intermediates and writes each
+    cotangent in its own fusions; here the backward pass recomputes sigmoid from the
+    saved inputs in one fusion.
+    """
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+    gate, up = res
+    d_gate, d_up = _swiglu_grads(gate, up, dh)
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def swiglu_packed(gate_up):
+    """`swiglu` of the two halves of a packed (..., 2F) projection: gate, then up.
+
+    Returns (..., F). The backward pass writes the packed (..., 2F) cotangent as one
+    concatenation; autodiff of the two slices padded each half to 2F and added them,
+    two extra passes over (B, T, 2F) per layer (1.06x and 1.09x whole-step speed at
+    train_throughput.py's configs (a) and (b), A/B in one process).
+    """
+    f = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :f], gate_up[..., f:]
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def _swiglu_packed_fwd(gate_up):
+    return swiglu_packed(gate_up), gate_up
+
+
+def _swiglu_packed_bwd(gate_up, dh):
+    f = gate_up.shape[-1] // 2
+    d_gate, d_up = _swiglu_grads(gate_up[..., :f], gate_up[..., f:], dh)
+    return (jnp.concatenate([d_gate, d_up], axis=-1).astype(gate_up.dtype),)
+
+
+swiglu_packed.defvjp(_swiglu_packed_fwd, _swiglu_packed_bwd)
 
 
 class SwiGLU(nn.Module):
@@ -79,8 +125,9 @@ class SwiGLU(nn.Module):
         d, f = x.shape[-1], self.hidden_dim
         if self.execution.packed:
             gate_up = _project(self, 'w13', x, 2 * f, (axes.EMBED, axes.MLP_PACKED))  # (B,T,2F)
-            gate, up = gate_up[..., :f], gate_up[..., f:]
+            h = swiglu_packed(gate_up)
         else:
             gate = _project(self, 'w1', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
             up = _project(self, 'w3', x, f, (axes.EMBED, axes.MLP))  # (B, T, F)
-        return _project(self, 'w2', silu(gate) * up, d, (axes.MLP, axes.EMBED))  # (B, T, D)
+            h = swiglu(gate, up)
+        return _project(self, 'w2', h, d, (axes.MLP, axes.EMBED))  # (B, T, D)

@@ -47,6 +47,10 @@ def _swiglu_grads(gate, up, dh):
     broadcast constant `1` inside, XLA:CPU put this derivative in a transposed fusion
     with its slow generic loop emitter (benchmarks/RESULTS.md, "Training throughput").
     """
+    # The barrier keeps XLA from merging this recomputation with the forward pass's
+    # identical sigmoid, which would keep sigmoid(gate) and silu(gate) alive from the
+    # forward to the backward pass: 2 x (B, T, F) floats per layer.
+    gate, up = jax.lax.optimization_barrier((gate, up))
     g, u, dh = (a.astype(jnp.float32) for a in (gate, up, dh))
     s = jax.nn.sigmoid(g)
     silu = g * s

@@ -32,7 +32,7 @@ derivative used to cost another ~1.0 s per step in slow transposed fusions (see
 
 Usage:
   python benchmarks/train_throughput.py [--configs a b] [--steps 5] [--rounds 3]
-      [--threads N] [--json PATH]
+      [--threads N] [--memory] [--json PATH]
 
 Prints a table, then one JSON document on stdout.
 """
@@ -62,14 +62,22 @@ def _parse_args(argv):
     p.add_argument('--torch_bf16', action='store_true',
                    help='also time torch under bfloat16 autocast (the bf16 rows compare '
                         'against it)')
+    p.add_argument('--memory', action='store_true',
+                   help="also measure each side's peak memory during steps, each in a fresh "
+                        "process (memory_worker)")
+    p.add_argument('--memory_worker', nargs=2, metavar=('CONFIG', 'IMPL'),
+                   help=argparse.SUPPRESS)
     p.add_argument('--json', default=None)
     return p.parse_args(argv)
 
 
-ARGS = _parse_args(sys.argv[1:])
-# XLA reads its flags when the backend starts, so they are set before jax is imported.
+# XLA reads its flags when the backend starts, so they are set before jax is imported
+# (from --threads alone: train_profile.py imports this module with its own arguments).
+_threads = argparse.ArgumentParser(add_help=False)
+_threads.add_argument('--threads', type=int, default=os.cpu_count())
 os.environ.setdefault('XLA_FLAGS', f'--xla_cpu_multi_thread_eigen=true '
-                      f'intra_op_parallelism_threads={ARGS.threads}')
+                      f'intra_op_parallelism_threads='
+                      f'{_threads.parse_known_args(sys.argv[1:])[0].threads}')
 
 import jax  # noqa: E402
 import machine  # noqa: E402  (benchmarks/machine.py)
@@ -204,7 +212,53 @@ def measure(name: str, args) -> list[dict]:
     return rows
 
 
+def _status_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def memory_worker(name: str, impl: str, threads: int) -> dict:
+    """Peak memory of one side's training steps, measured in this (fresh) process.
+
+    After two warm-up steps (compilation, torch's lazily created AdamW moments) the
+    resident size is read, the kernel's high-water mark reset (/proc/self/clear_refs),
+    and three steps run; `step_peak_mb` is the high-water mark above the resident size
+    before them: activations, gradients and temporaries, not the state both sides keep.
+    The parent sets MALLOC_MMAP_THRESHOLD_ so that freed buffers leave the process
+    instead of staying in malloc's heap, where they would hide from the next step.
+    """
+    c = CONFIGS[name]
+    side = TorchSide(c, threads) if impl == 'torch' else JaxSide(c, impl[len('jax-'):])
+    side.run(2)
+    before = _status_kb('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    side.run(3)
+    row = {'config': name, 'impl': impl, 'rss_before_mb': round(before / 1024, 1),
+           'step_peak_mb': round((_status_kb('VmHWM') - before) / 1024, 1)}
+    if impl != 'torch':  # XLA's own account of the step's temporaries, as a cross-check
+        analysis = side.step_fn.lower(side.state, side.data[0]).compile().memory_analysis()
+        row['xla_temp_mb'] = round(analysis.temp_size_in_bytes / 2**20, 1)
+    return row
+
+
+def measure_memory(name: str, args) -> list[dict]:
+    """memory_worker for every side of `name`, each in its own process."""
+    import subprocess
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    rows = []
+    for impl in [f'jax-{v}' for v in args.jax_variants] + ['torch']:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), '--memory_worker',
+                              name, impl, '--threads', str(args.threads)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return rows
+
+
 def main(args) -> None:
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*args.memory_worker, args.threads)))
+        return
     info = machine.describe()
     print(machine.banner(info))
     rows = []
@@ -216,9 +270,18 @@ def main(args) -> None:
         print(f"{r['config']:<7}{r['impl']:<17}{r['params']:>11,}{r['batch']:>9}"
               f"{r['tokens_per_s']:>11,.0f}{r['median_tokens_per_s']:>9,.0f}"
               f"{r['step_ms']:>10.1f}{r['vs_torch']:>10.2f}")
+    memory = [m for name in args.configs for m in measure_memory(name, args)] \
+        if args.memory else []
+    if memory:
+        print(f"{'config':<7}{'impl':<17}{'step peak MB':>14}{'RSS before MB':>15}"
+              f"{'XLA temp MB':>13}")
+        for m in memory:
+            print(f"{m['config']:<7}{m['impl']:<17}{m['step_peak_mb']:>14,.1f}"
+                  f"{m['rss_before_mb']:>15,.1f}{m.get('xla_temp_mb', float('nan')):>13,.1f}")
     doc = {'benchmark': 'train_throughput', 'machine': info, 'threads': args.threads,
            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'jax': jax.__version__,
-           'steps_per_round': args.steps, 'rounds': args.rounds, 'results': rows}
+           'steps_per_round': args.steps, 'rounds': args.rounds, 'results': rows,
+           'memory': memory}
     print(json.dumps(doc))
     if args.json:
         with open(args.json, 'w') as f:
@@ -226,4 +289,4 @@ def main(args) -> None:
 
 
 if __name__ == '__main__':
-    main(ARGS)
+    main(_parse_args(sys.argv[1:]))

@@ -33,10 +33,9 @@ import sys
 import tempfile
 import time
 
-import train_throughput as tt  # noqa: E402  (sets XLA_FLAGS before jax is imported)
-
 import jax  # noqa: E402
 import machine  # noqa: E402
+import train_throughput as tt  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 FAMILIES = ('matmul: attention projections', 'matmul: FFN', 'matmul: output head',
             'attention core', 'RoPE and head layout', 'norms', 'SwiGLU and residuals',

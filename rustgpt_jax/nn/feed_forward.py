@@ -67,6 +67,10 @@ def swiglu(gate, up):
     cotangent in its own fusions; here the backward pass recomputes sigmoid from the
     saved inputs in one fusion.
     """
+    return _gated(gate, up)
+
+
+def _gated(gate, up):
     return gate * jax.nn.sigmoid(gate) * up
 
 
@@ -89,12 +93,10 @@ def swiglu_packed(gate_up):
 
     Returns (..., F). The backward pass writes the packed (..., 2F) cotangent as one
     concatenation; autodiff of the two slices padded each half to 2F and added them,
-    two extra passes over (B, T, 2F) per layer (1.06x and 1.09x whole-step speed at
-    train_throughput.py's configs (a) and (b), A/B in one process).
+    two extra passes over (B, T, 2F) per layer.
     """
     f = gate_up.shape[-1] // 2
-    gate, up = gate_up[..., :f], gate_up[..., f:]
-    return gate * jax.nn.sigmoid(gate) * up
+    return _gated(gate_up[..., :f], gate_up[..., f:])
 
 
 def _swiglu_packed_fwd(gate_up):

@@ -27,9 +27,17 @@ def attention_probs(q, k, mask, scale: Optional[float] = None):
     if n % kv_heads:
         raise ValueError(f'query heads ({n}) must be a multiple of KV heads ({kv_heads})')
     scale = h ** -0.5 if scale is None else scale
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # (B, T, K, G, H)
-    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k,
+    g = n // kv_heads
+    # Heads outermost before the product: one (G T, H) x (H, S) matmul per KV head whose
+    # result is already in the (B, K, G, T, S) order. Contracting the (B, T, K, G, H)
+    # view directly left XLA:CPU a (K, S, G T) product and a transposing mask fusion,
+    # 2.4x slower at a 128-token prompt over a 296-slot cache (32 heads, 4 KV heads).
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    q = q.reshape(b, kv_heads, g * t, h)
+    k = jnp.swapaxes(k, 1, 2)  # (B, K, S, H)
+    logits = jnp.einsum('BKQH,BKSH->BKQS', q, k,
                         preferred_element_type=jnp.float32) * scale
+    logits = logits.reshape(b, kv_heads, g, t, k.shape[2])
     logits = jnp.where(mask[:, None, None], logits, masks_lib.MASK_VALUE)
     return jax.nn.softmax(logits, axis=-1)
 
@@ -45,8 +53,11 @@ def reference_attention(q, k, v, mask, scale: Optional[float] = None):
     """
     b, t, n, h = q.shape
     probs = attention_probs(q, k, mask, scale)  # (B, K, G, T, S)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32)
+    kv_heads, s = k.shape[2], k.shape[1]
+    probs = probs.reshape(b, kv_heads, n // kv_heads * t, s)  # (B, K, G T, S)
+    out = jnp.einsum('BKQS,BKSH->BKQH', probs.astype(v.dtype), jnp.swapaxes(v, 1, 2),
+                     preferred_element_type=jnp.float32)  # (B, K, G T, H)
+    out = out.reshape(b, kv_heads, n // kv_heads, t, h).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 

@@ -96,8 +96,10 @@ def worker(path: str, steps: int, prompt_len: int) -> dict:
     # loop does (without donation every step copied all 44 cache arrays).
     @functools.partial(jax.jit, donate_argnums=1)
     def step(params, cache, tokens, pos):
+        # last_only: the head on the last position, as `decoding.prefill` (and llama.cpp's
+        # prompt evaluation) computes it.
         logits, mut = model.apply({'params': params, 'cache': cache}, tokens, positions=pos,
-                                  decode=True, mutable=['cache'])
+                                  decode=True, last_only=True, mutable=['cache'])
         return mut['cache'], jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
 
     prompt = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size,

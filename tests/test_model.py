@@ -196,6 +196,16 @@ def test_decode_matches_full_forward(kv_heads, window):
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_is_the_last_row_of_the_logits():
+    config = rustgpt_modern(**TINY)
+    params = _init(config, scale=0.3)
+    tokens = _tokens(2, 9, config.vocab_size)
+    full = _forward(config, params, tokens)
+    last = Transformer(config).apply({'params': params}, tokens, last_only=True)
+    assert last.shape == (2, 1, config.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 # -- equivalent execution modes --------------------------------------------------
 
 

@@ -76,7 +76,8 @@ def prefill(model, params, cache, tokens, lengths):
     """
     positions = prompt_positions(lengths, tokens.shape[1])
     logits, variables = model.apply({'params': params, 'cache': cache}, tokens,
-                                    positions=positions, decode=True, mutable=['cache'])
+                                    positions=positions, decode=True, last_only=True,
+                                    mutable=['cache'])
     return logits[:, -1], variables['cache']
 
 

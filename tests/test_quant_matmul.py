@@ -72,21 +72,22 @@ def _in_sizes(kind):
 @pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('kind', TYPES, ids=lambda t: t.name)
 def test_every_row_count_equals_the_dequantized_oracle(kind, isa):
-    # 1..8: decode; 13 and 128: prefill tiles with a partial last tile.
+    # 1..8: decode; 13, 70 and 128: prefill tiles, 13 and 70 with a partial last tile.
     _require(isa)
     n_in = 2 * max(GGML_QUANT_SIZES[kind][0], 64)
-    for rows in [*range(1, 9), 13, 128]:
+    for rows in [*range(1, 9), 13, 70, 128]:
         _check(kind, rows, 37, n_in, isa, seed=rows)
 
 
 @pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('kind', TYPES, ids=lambda t: t.name)
 def test_odd_shapes_equal_the_dequantized_oracle(kind, isa):
-    # out not a multiple of the four-row groups, in of 1..3 blocks and 2048.
+    # out not a multiple of the four-row groups, in of 1..3 blocks and 2048; rows of
+    # decode, of the small-prefill tiles and of the large-prefill ones.
     _require(isa)
     for out in (1, 3, 37):
         for n_in in _in_sizes(kind):
-            for rows in (1, 5):
+            for rows in (1, 5, 70):
                 _check(kind, rows, out, n_in, isa, seed=out + n_in)
 
 
@@ -96,7 +97,7 @@ def test_threads_give_the_single_thread_result_exactly(kind):
     _require('avx2')
     rng = np.random.default_rng(7)
     blocks = _blocks(kind, 300, 512 // GGML_QUANT_SIZES[kind][0], rng)
-    for rows in (1, 13):
+    for rows in (1, 13, 70):
         x = rng.normal(size=(rows, 512)).astype(np.float32)
         one = np.asarray(qm.quant_matmul(x, blocks, kind, threads=1))
         for threads, spin_us in ((2, 0), (3, 50)):
@@ -121,7 +122,7 @@ def test_multi_equals_the_single_calls_concatenated(mix, isa):
     n_in = 512
     parts = [(_blocks(kind, out, n_in // GGML_QUANT_SIZES[kind][0], rng), kind)
              for kind, out in MULTI_PARTS[mix]]
-    for rows in [*range(1, 9), 40]:
+    for rows in [*range(1, 9), 40, 70]:
         x = rng.normal(size=(rows, n_in)).astype(np.float32)
         single = np.concatenate([np.asarray(qm.quant_matmul(x, b, k, isa=isa))
                                  for b, k in parts], axis=1)

@@ -16,10 +16,12 @@
 // called by rustgpt_jax/native/quant_matmul.py.
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "spin_pool.h"
@@ -81,6 +83,7 @@ struct Job {
   int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
   void (*rows_fn)(const Job&, int64_t, int64_t);
+  const float* xs;    // x interleaved by 16 rows (quant_half.inc), for HalfPrefillRows
 };
 
 }  // namespace
@@ -132,6 +135,7 @@ struct Simd {
 #include "quant_core.inc"
 #include "quant_fused.inc"
 #include "quant_prefill.inc"
+#include "quant_half.inc"
 
 }  // namespace
 }  // namespace avx512
@@ -254,10 +258,12 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   thread_local std::vector<std::vector<int32_t>> pre;  // per part
   thread_local std::vector<int32_t> starts[2];          // decode lane starts: Q8_0, Q4_0
   thread_local std::vector<int8_t> q_k4;                // decode Q8_K in FusedK4's order
+  thread_local std::vector<float> xs;                   // F16/BF16 prompt: x by 16 rows
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
   bool started[2] = {false, false}, permuted = false;
-  bool interleaved[2] = {false, false};
+  bool interleaved[2] = {false, false}, spread = false;
   const bool vnni = isa == kAvx512Vnni;
+  const bool half_gemm = vnni && rows >= avx512::kHalfGemmRows;
   const bool prefill = vnni && rows > avx512::kFusedRows;
   if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
@@ -270,11 +276,23 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   for (const Part& part : parts) {
     Format f;
     FormatOf(part.type, &f);
+    const bool half = part.type == kF16 || part.type == kBF16;
+    // HalfPrefillRows: chunks of whole register tiles of weight rows.
+    const int64_t part_chunk =
+        half && half_gemm ? (chunk + avx512::kHalfO - 1) / avx512::kHalfO * avx512::kHalfO
+                          : chunk;
     Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
             nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total,
-            chunk, nullptr};
+            part_chunk, nullptr, nullptr};
     column += part.out;
-    const bool half = part.type == kF16 || part.type == kBF16;
+    if (half && half_gemm) {
+      if (!spread) {
+        xs.resize((rows + 15) / 16 * 16 * in);
+        avx512::InterleaveFloats(x, rows, in, xs.data());
+        spread = true;
+      }
+      job.xs = xs.data();
+    }
     if (!half) {
       const int k = part.type == kQ8_0 || part.type == kQ4_0 ? 0 : 1;
       const int slot = k == 0 ? 0 : f.sub == 32 ? 1 : 2;
@@ -334,13 +352,13 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       }
     }
     if (vnni) {
-      job.rows_fn = half ? avx512::Rows
+      job.rows_fn = half ? (half_gemm ? avx512::HalfPrefillRows : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
       job.rows_fn = avx2::Rows;
     }
     plan.jobs.push_back(job);
-    plan.first.push_back(plan.first.back() + (part.out + chunk - 1) / chunk);
+    plan.first.push_back(plan.first.back() + (part.out + part_chunk - 1) / part_chunk);
   }
   rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
   const int64_t chunks = plan.first.back();

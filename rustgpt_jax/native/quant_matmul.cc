@@ -352,7 +352,9 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       }
     }
     if (vnni) {
-      job.rows_fn = half ? (half_gemm ? avx512::HalfPrefillRows : avx512::Rows)
+      job.rows_fn = half ? (half_gemm   ? avx512::HalfPrefillRows
+                            : rows == 1 ? avx512::HalfDecodeRows
+                                        : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
       job.rows_fn = avx2::Rows;

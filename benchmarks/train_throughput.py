@@ -19,16 +19,12 @@ beside it. Threads: both use `--threads` (the machine's cores by default).
 The 'tuned' JAX variant unrolls the layer stack (`scan_layers=False`): on XLA:CPU the
 scanned stack runs as a while loop whose body cannot be fused or scheduled with its
 neighbours and whose stacked gradients are written with dynamic-update-slices. It also
-uses the blocked attention (`attention_impl='blocked'`), which skips key blocks above the
-diagonal: at (b) its forward + backward is 154 ms per layer against 235 ms for the
-reference einsum path (torch's fused sdpa: 66 ms).
+uses the blocked attention (`attention_impl='blocked'`, `ops.blocked`: a flash-style
+forward and one-pass backward that skip key blocks above the diagonal). 'packed' adds the
+packed q/k/v and gate/up projections (`Execution(packed=True)`).
 
-Where the time goes (jax.profiler trace of config (b), unrolled, blocked): the matmuls
-(XNNPACK/YNN dot fusions) take about 2.8 s of the 3.4 s step, i.e. XLA's dots alone run
-longer than torch's whole step; XLA:CPU's f32 GEMM and torch's reach the same ~260
-GFLOP/s on these shapes on this machine, so the gap is not one kernel. The SwiGLU
-derivative used to cost another ~1.0 s per step in slow transposed fusions (see
-`nn.feed_forward.silu`).
+Where the time goes, per op family on both sides: `train_profile.py`. The measured tables,
+and what earlier changes bought, are in benchmarks/RESULTS.md ("Training throughput").
 
 Usage:
   python benchmarks/train_throughput.py [--configs a b] [--steps 5] [--rounds 3]

@@ -121,11 +121,59 @@ def _numpy_rope(x, positions, base):
 
 @pytest.mark.parametrize('base', [10000.0, 500.0])
 def test_rope_matches_numpy(base):
-    x = _rand(8, 2, 5, 3, 8)
-    positions = np.array([[0, 1, 2, 3, 4], [7, 3, 0, 11, 2]], np.int32)
+    x = _rand(8, 3, 5, 3, 8)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 3, 0, 11, 2], [-2, -1, 0, 1, 2]],  # -: padding
+                         np.int32)
     np.testing.assert_allclose(apply_rope(x, positions, base), _numpy_rope(x, positions, base),
                                rtol=1e-5, atol=1e-5)
     check_grads(lambda x: apply_rope(x, positions, base), (x,), order=1, **GRAD_TOL)
+
+
+def _split_then_rope(qkv, positions, n, kh, base):
+    """What split_rope replaces: three head slices, then plain-autodiff apply_rope."""
+    q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+    return apply_rope(q, positions, base), apply_rope(k, positions, base), v
+
+
+@pytest.mark.parametrize('b,t,n,kh,h,base', [(2, 5, 4, 2, 8, 10000.0),  # GQA
+                                             (1, 6, 2, 2, 4, 500.0),  # N = K
+                                             (2, 4, 3, 1, 16, 10000.0)])  # MQA
+def test_split_rope_values_and_gradients_match_numpy(b, t, n, kh, h, base):
+    """The custom-VJP split_rope: q, k, v and d qkv vs float64 closed forms (the
+    cotangent of a rotation is the cotangent rotated back, i.e. by -positions), with
+    left padding (negative positions) and packed documents (positions restarting)."""
+    from rustgpt_jax.nn.rope import split_rope
+    qkv = _rand(11, b, t, n + 2 * kh, h)
+    positions = np.stack([np.arange(t) - 2, np.arange(t) % 3][:b]).astype(np.int32)
+    cot = [_rand(12 + i, b, t, m, h) for i, m in enumerate((n, kh, kh))]
+    out, vjp = jax.vjp(lambda x: split_rope(x, positions, n, kh, base), jnp.asarray(qkv))
+    want = (_numpy_rope(qkv[:, :, :n], positions, base),
+            _numpy_rope(qkv[:, :, n:n + kh], positions, base), qkv[:, :, n + kh:])
+    for got, w in zip(out, want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+    d_qkv = np.concatenate([_numpy_rope(cot[0], -positions, base),
+                            _numpy_rope(cot[1], -positions, base), cot[2]], axis=2)
+    (got,) = vjp(tuple(jnp.asarray(c) for c in cot))
+    np.testing.assert_allclose(got, d_qkv, rtol=1e-5, atol=1e-5)
+    # Same gradient as autodiff of the slices + apply_rope it replaces, under jit.
+    loss = lambda f: jax.jit(jax.grad(lambda x: sum(
+        jnp.sum(jnp.tanh(o) * c) for o, c in zip(f(x, positions, n, kh, base), cot))))
+    np.testing.assert_allclose(loss(split_rope)(qkv), loss(_split_then_rope)(qkv),
+                               rtol=1e-6, atol=1e-6)
+    check_grads(lambda x: split_rope(x, positions, n, kh, base), (qkv,), order=1,
+                modes=('rev',), **GRAD_TOL)
+
+
+def test_split_rope_keeps_the_dtype():
+    """bfloat16 in, bfloat16 q, k, v and d qkv out (the rotation itself is float32)."""
+    from rustgpt_jax.nn.rope import split_rope
+    qkv = jnp.asarray(_rand(13, 2, 3, 4, 8), jnp.bfloat16)
+    positions = np.array([[0, 1, 2], [-1, 0, 1]], np.int32)
+    out, vjp = jax.vjp(lambda x: split_rope(x, positions, 2, 1), qkv)
+    assert [o.dtype for o in out] == [jnp.bfloat16] * 3
+    assert vjp(tuple(jnp.ones_like(o) for o in out))[0].dtype == jnp.bfloat16
+    for got, want in zip(out, _split_then_rope(qkv, positions, 2, 1, 10000.0)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_rope_scores_depend_only_on_offset():

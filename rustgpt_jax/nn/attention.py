@@ -14,7 +14,7 @@ from rustgpt_jax.adaptive.adaattn import make_attention_core
 from rustgpt_jax.adaptive.core import attention_with_entropy
 from rustgpt_jax.config import AttentionImpl, AttentionVariant, PrecisionPolicy
 from rustgpt_jax.nn.dense import dense
-from rustgpt_jax.nn.rope import apply_rope
+from rustgpt_jax.nn.rope import apply_rope, split_rope
 from rustgpt_jax.runtime.attention import AttentionKernels, attention_kernels
 from rustgpt_jax.runtime.auto import AttentionCall
 from rustgpt_jax.runtime.execution import Execution
@@ -78,7 +78,10 @@ class Attention(nn.Module):
         if self.execution.packed:  # one output-major (N + 2K, H, D) kernel (nn.packing)
             qkv = self._project('qkv_proj', x, (n + 2 * kh, h),
                                 (axes.EMBED, axes.QKV_HEADS, axes.HEAD_DIM))  # (B,T,N+2K,H)
-            q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+            if self.use_rope:  # one concatenated cotangent for qkv (nn.rope.split_rope)
+                q, k, v = split_rope(qkv, positions, n, kh, self.rope_base)
+            else:
+                q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
         else:
             q = self._project('q_proj', x, (n, h),
                               (axes.EMBED, axes.HEADS, axes.HEAD_DIM))  # (B,T,N,H)
@@ -86,7 +89,7 @@ class Attention(nn.Module):
                               (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
             v = self._project('v_proj', x, (kh, h),
                               (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))  # (B,T,K,H)
-        if self.use_rope:
+        if self.use_rope and not self.execution.packed:
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
         q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))

@@ -176,6 +176,18 @@ def test_split_rope_keeps_the_dtype():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_rope_angles_computed_once_are_exact():
+    """The identity matmul that keeps XLA:CPU from recomputing cos / sin per element
+    (nn.rope._computed_once) returns them bit for bit, under jit as in the model."""
+    from rustgpt_jax.nn import rope
+    positions = np.random.RandomState(14).randint(-50, 5000, (4, 64)).astype(np.int32)
+    for h in (4, 32, 128):
+        want = jax.jit(lambda p, h=h: rope.rope_angles(p, h))(positions)
+        got = jax.jit(lambda p, h=h: rope._computed_once(*rope.rope_angles(p, h)))(positions)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_rope_scores_depend_only_on_offset():
     q, k = _rand(9, 1, 1, 1, 16), _rand(10, 1, 1, 1, 16)
     score = lambda m, n: float(jnp.sum(apply_rope(q, jnp.array([[m]])) *

@@ -176,16 +176,17 @@ def test_split_rope_keeps_the_dtype():
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_rope_angles_computed_once_are_exact():
-    """The identity matmul that keeps XLA:CPU from recomputing cos / sin per element
-    (nn.rope._computed_once) returns them bit for bit, under jit as in the model."""
+def test_written_once_returns_the_rope_table_bit_for_bit():
+    """The identity product that keeps XLA:CPU from recomputing cos / sin per element
+    (runtime.fusion.written_once) returns them bit for bit, under jit as in the model."""
     from rustgpt_jax.nn import rope
+    from rustgpt_jax.runtime.fusion import written_once
     positions = np.random.RandomState(14).randint(-50, 5000, (4, 64)).astype(np.int32)
     for h in (4, 32, 128):
-        want = jax.jit(lambda p, h=h: rope.rope_angles(p, h))(positions)
-        got = jax.jit(lambda p, h=h: rope._computed_once(*rope.rope_angles(p, h)))(positions)
-        for g, w in zip(got, want):
-            np.testing.assert_array_equal(g, w)
+        table = lambda p, h=h: jnp.concatenate(rope.rope_angles(p, h), axis=-1)
+        want = jax.jit(table)(positions)
+        got = jax.jit(lambda p, h=h: written_once(table(p, h)))(positions)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_rope_scores_depend_only_on_offset():

@@ -15,6 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rustgpt_jax.runtime.fusion import written_once
+
 
 def rope_frequencies(head_dim: int, base: float = 10000.0):
     """Inverse frequencies base^(-2i/H), i < H/2. Returns (H/2,) float32."""
@@ -57,29 +59,17 @@ def apply_rope(x, positions, base: float = 10000.0):
 
 
 def _head_angles(positions, head_dim, base):
-    """(cos, sin) of `rope_angles`, each (B, T, 1, H/2): broadcast over heads."""
-    cos, sin = rope_angles(positions, head_dim, base)
-    if jax.default_backend() == 'cpu':
-        cos, sin = _computed_once(cos, sin)
-    return cos[:, :, None, :], sin[:, :, None, :]
+    """(cos, sin) of `rope_angles`, each (B, T, 1, H/2): broadcast over heads.
 
-
-def _computed_once(cos, sin):
-    """cos, sin (B, T, H/2) unchanged, through an identity matmul (exact in float32).
-
-    Why: XLA:CPU otherwise fuses cos and sin into every rotation that reads them and, in
-    a loop fusion, evaluates them once per element of the (B, T, N, H) output: N * 2
-    times too often, in each layer's forward and backward. A dot is not fused into its
-    consumers, so its (B, T, H) result is written once and the rotations only read it.
-    optimization_barrier did not survive to XLA:CPU's fusion pass. Packed train step at
-    train_throughput config (b): RoPE forward + backward busy time 168 -> 67 ms per step
-    (jax.profiler, one process).
+    The table is computed once for every head and rotation that reads it
+    (`runtime.fusion.written_once`: XLA:CPU otherwise re-evaluated cos and sin per rotated
+    element; packed training step at train_throughput config (b), RoPE forward + backward
+    168 -> 67 ms per step).
     """
-    cs = jnp.concatenate([cos, sin], axis=-1)  # (B, T, H)
-    cs = jnp.dot(cs, jnp.eye(cs.shape[-1], dtype=cs.dtype),
-                 precision=jax.lax.Precision.HIGHEST)
+    cos, sin = rope_angles(positions, head_dim, base)
     h2 = cos.shape[-1]
-    return cs[..., :h2], cs[..., h2:]
+    cs = written_once(jnp.concatenate([cos, sin], axis=-1))  # (B, T, H)
+    return cs[:, :, None, :h2], cs[:, :, None, h2:]
 
 
 def _rotate(x, cos, sin):

@@ -21,7 +21,7 @@ class SecondOrderToy(nn.Module):
     vocab_size: int
 
     @nn.compact
-    def __call__(self, tokens, positions=None, decode=False):
+    def __call__(self, tokens, positions=None, decode=False, last_only=False):
         v = self.vocab_size
         table = self.param('table', nn.initializers.zeros, (v, v, v))
         b, t = tokens.shape
@@ -37,7 +37,8 @@ class SecondOrderToy(nn.Module):
         before = jnp.where(real, before, prev[:, None])
         if decode and not self.is_initializing():
             slot.value = jnp.where(positions[:, -1] >= 0, tokens[:, -1], prev)
-        return table[before, tokens]  # (B, T, V)
+        logits = table[before, tokens]  # (B, T, V)
+        return logits[:, -1:] if last_only else logits
 
 
 def _log_dist(v, probs):

@@ -8,10 +8,11 @@ the first (prefill) call only. Any module with the same interface works here:
 
     cache = init_cache(model, batch)
     logits, vars = model.apply({'params': p, 'cache': cache}, tokens, positions=pos,
-                               decode=True, mutable=['cache'])
+                               decode=True, last_only=..., mutable=['cache'])
 
 `tokens` is a prefill chunk (B, T) or one token (B, 1); negative positions mark left
-padding, which is never written to the cache nor attended.
+padding, which is never written to the cache nor attended. `last_only=True` (prefill)
+asks for the logits of the last position only, (B, 1, V).
 """
 
 from __future__ import annotations

@@ -119,10 +119,10 @@ def _split_rope_fwd(qkv, positions, n, kh, base):
 
 def _split_rope_bwd(n, kh, base, res, cotangents):
     # RoPE is orthogonal: the cotangent of q is dq rotated by -theta (sin negated).
-    # XLA:CPU writes each rotated-back half-head pair once (sin and cos recomputed in
-    # that fusion) and copies the outer concatenation into both consumers, the weight and
-    # the input gradient of 'qkv_proj'; written as one fusion (the halves swapped by a
-    # flip instead of a concatenation) the trigonometry was duplicated too, and slower.
+    # XLA:CPU writes each rotated-back half-head pair once and copies the outer
+    # concatenation into both consumers, the weight and the input gradient of
+    # 'qkv_proj'; written as one fusion (the halves swapped by a flip instead of a
+    # concatenation) it measured slower.
     cos, sin = res
     dq, dk, dv = cotangents
     d_qkv = jnp.concatenate([_rotate(dq, cos, -sin), _rotate(dk, cos, -sin), dv], axis=2)

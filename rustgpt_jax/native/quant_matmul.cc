@@ -263,7 +263,7 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   bool started[2] = {false, false}, permuted = false;
   bool interleaved[2] = {false, false}, spread = false;
   const bool vnni = isa == kAvx512Vnni;
-  const bool half_gemm = vnni && rows >= avx512::kHalfGemmRows;
+  const bool panel_rows = vnni && rows >= avx512::kHalfGemmRows;  // HalfPrefillRows
   const bool prefill = vnni && rows > avx512::kFusedRows;
   if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
@@ -277,15 +277,15 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
     Format f;
     FormatOf(part.type, &f);
     const bool half = part.type == kF16 || part.type == kBF16;
+    const bool panel = half && panel_rows;
     // HalfPrefillRows: chunks of whole register tiles of weight rows.
     const int64_t part_chunk =
-        half && half_gemm ? (chunk + avx512::kHalfO - 1) / avx512::kHalfO * avx512::kHalfO
-                          : chunk;
+        panel ? (chunk + avx512::kHalfO - 1) / avx512::kHalfO * avx512::kHalfO : chunk;
     Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
             nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total,
             part_chunk, nullptr, nullptr};
     column += part.out;
-    if (half && half_gemm) {
+    if (panel) {
       if (!spread) {
         xs.resize((rows + 15) / 16 * 16 * in);
         avx512::InterleaveFloats(x, rows, in, xs.data());
@@ -352,7 +352,7 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       }
     }
     if (vnni) {
-      job.rows_fn = half ? (half_gemm   ? avx512::HalfPrefillRows
+      job.rows_fn = half ? (panel       ? avx512::HalfPrefillRows
                             : rows == 1 ? avx512::HalfDecodeRows
                                         : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;

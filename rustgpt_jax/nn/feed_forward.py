@@ -52,9 +52,11 @@ def _swiglu_grads(gate, up, dh):
     # forward to the backward pass: 2 x (B, T, F) floats per layer.
     gate, up = jax.lax.optimization_barrier((gate, up))
     g, u, dh = (a.astype(jnp.float32) for a in (gate, up, dh))
-    s = jax.nn.sigmoid(g)
-    silu = g * s
-    return dh * u * (s + silu * jax.nn.sigmoid(-g)), dh * silu
+    # The term both cotangents share includes dh: a shared sigmoid(g) alone depends on
+    # forward values only, and XLA:CPU (whose optimisation barriers are gone before
+    # scheduling) computed it in the forward pass and kept it until here.
+    a = dh * jax.nn.sigmoid(g)
+    return u * (a + a * g * jax.nn.sigmoid(-g)), a * g
 
 
 @jax.custom_vjp

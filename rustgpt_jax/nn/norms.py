@@ -40,7 +40,12 @@ def _rms_norm_bwd(eps, res, dy):
     x32, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     g = dy * scale.astype(jnp.float32)
     dx = inv * g - x32 * (inv ** 3 * jnp.mean(x32 * g, axis=-1, keepdims=True))
-    ds = jnp.sum((dy * x32 * inv).reshape(-1, x.shape[-1]), axis=0)
+    # ds as a product of the rows' 1/rms with dy * x: as a reduction of dy * x * inv,
+    # XLA:CPU's YNN fusion took inv broadcast to (B, T, D) as a materialised operand, and
+    # the scheduler computed that in the forward pass and kept it (one per norm).
+    d = x.shape[-1]
+    ds = jnp.dot(inv.reshape(-1), (dy * x32).reshape(-1, d),
+                 precision=jax.lax.Precision.HIGHEST)
     return dx.astype(x.dtype), ds.astype(scale.dtype)
 
 

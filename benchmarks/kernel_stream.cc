@@ -1,16 +1,17 @@
 // One-process timing of the native decode kernels (rows = 1) for kernel_stream.py.
 //
-// Usage: kernel_stream TYPE MODE THREADS
+// Usage: kernel_stream TYPE MODE THREADS SPIN_US
 //   TYPE: a gguf.GGMLQuantizationType value (1 F16, 30 BF16, 8 Q8_0, 2 Q4_0, 12 Q4_K,
 //         13 Q5_K, 14 Q6_K); MODE: cache (a 256-row matrix, repeated: the arithmetic
-//         rate) or stream (a 512 MB matrix: the rate from memory); THREADS: 1 or 2, each
-//         thread taking half of the rows as the library's pool does at batch 1.
+//         rate) or stream (a 512 MB matrix: the rate from memory); THREADS: 1 or 2 (the
+//         library's pool); SPIN_US: the pool's spin (native.cpu_gemv.spin_setting).
 // Prints one JSON object: the kernel's weight GB/s and, as the reference measured in the
 // same process over the same buffer and threads, a plain AVX-512 read (a sum of every
 // 64-byte line, ReadLines), best of 7 trials each, alternating.
 //
-// It includes the library's source (quant_matmul.cc and its .inc files) so that it times
-// exactly the kernels the library runs, without JAX or the FFI call around them.
+// It includes the library's source (quant_matmul.cc and its .inc files) and calls its
+// `Run`, so it times exactly what a product costs in the library (activation set-up,
+// pool dispatch, kernels), without JAX or the FFI call around it.
 #include "quant_matmul.cc"
 
 #include <chrono>
@@ -64,13 +65,14 @@ __attribute__((target("avx512f"))) float ReadLines(const uint8_t* p, int64_t n) 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: kernel_stream TYPE cache|stream THREADS\n");
+  if (argc != 5) {
+    std::fprintf(stderr, "usage: kernel_stream TYPE cache|stream THREADS SPIN_US\n");
     return 2;
   }
   const int64_t type = std::atoll(argv[1]);
   const bool stream = std::string(argv[2]) == "stream";
   const int threads = std::atoi(argv[3]);
+  const int64_t spin_us = std::atoll(argv[4]);
   Format f;
   if (!FormatOf(type, &f) || BestIsa() != kAvx512Vnni || threads < 1 || threads > 2) {
     std::fprintf(stderr, "kernel_stream: unsupported type, CPU or thread count\n");
@@ -83,51 +85,37 @@ int main(int argc, char** argv) {
   for (auto& b : w) b = static_cast<uint8_t>(rng());
   FiniteScales(type, f, w);
 
-  // The call's set-up, as quant_matmul.cc's Run does for rows = 1.
-  std::vector<float> x(in), d(in / 4), sums(in / 16), y(out);
-  std::vector<int8_t> q(in), permuted(in);
-  std::vector<int32_t> starts(in / 4);
+  // Each call is the library's own `Run` (quant_matmul.cc): the activation's
+  // quantization and the pool dispatch over `threads` included, as one product of a
+  // decode step. The read reference splits the rows in two halves, one per thread.
+  std::vector<float> x(in), y(out);
   std::normal_distribution<float> normal;
   for (auto& v : x) v = normal(rng);
-  const bool k_quant = type == kQ4_K || type == kQ5_K || type == kQ6_K;
-  Job job{};
-  job.type = type, job.rows = 1, job.in = in, job.out = out, job.row_bytes = row_bytes;
-  job.x = x.data(), job.w = w.data(), job.d = d.data(), job.sums = sums.data();
-  job.y = y.data(), job.ldy = out, job.starts = starts.data(), job.q = q.data();
-  const bool half = type == kF16 || type == kBF16;
-  if (!half) {
-    avx512::Quantize(k_quant, x.data(), 1, in, q.data(), d.data());
-    if (k_quant) avx512::SubSums(q.data(), d.data(), in, f.sub, sums.data());
-    if (type == kQ4_K || type == kQ5_K) {
-      avx512::PermuteK4(q.data(), 1, in, permuted.data());
-      job.q = permuted.data();
-    }
-    if (type == kQ8_0 || type == kQ4_0)
-      avx512::LaneStarts(q.data(), 1, in, type == kQ8_0 ? 128 : 8, starts.data());
-  }
-  auto kernel = half ? avx512::HalfDecodeRows : avx512::FusedRows;
+  const std::vector<Part> parts = {Part{type, w.data(), out, row_bytes}};
   volatile float sink = 0;
-  // fn(r0, r1) `reps` times over the rows, one half per thread: each thread loops on its
-  // own half, with no synchronisation between repetitions.
   const int reps = stream ? 3 : 400;
-  auto split = [&](auto&& fn) {
-    auto loop = [&](int64_t r0, int64_t r1) {
-      for (int r = 0; r < reps; ++r) fn(r0, r1);
-    };
-    if (threads == 1) return loop(int64_t{0}, out);
-    std::thread other([&] { loop(out / 2, out); });
-    loop(int64_t{0}, out / 2);
-    other.join();
-  };
   double best_kernel = 1e30, best_read = 1e30;
   for (int trial = 0; trial < 7; ++trial) {
     auto t0 = std::chrono::steady_clock::now();
-    split([&](int64_t r0, int64_t r1) { kernel(job, r0, r1); });
+    for (int r = 0; r < reps; ++r) {
+      if (!Run(x.data(), 1, in, parts, y.data(), threads, spin_us, kBestIsa).success()) {
+        std::fprintf(stderr, "kernel_stream: the library refused the call\n");
+        return 2;
+      }
+    }
     best_kernel = std::min(best_kernel, Seconds(t0) / reps);
     t0 = std::chrono::steady_clock::now();
-    split([&](int64_t r0, int64_t r1) {
-      sink = sink + ReadLines(w.data() + r0 * row_bytes, (r1 - r0) * row_bytes);
-    });
+    auto read = [&](int64_t r0, int64_t r1) {
+      for (int r = 0; r < reps; ++r)
+        sink = sink + ReadLines(w.data() + r0 * row_bytes, (r1 - r0) * row_bytes);
+    };
+    if (threads == 1) {
+      read(0, out);
+    } else {
+      std::thread other([&] { read(out / 2, out); });
+      read(0, out / 2);
+      other.join();
+    }
     best_read = std::min(best_read, Seconds(t0) / reps);
   }
   const double bytes = static_cast<double>(w.size());

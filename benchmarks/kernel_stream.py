@@ -1,9 +1,10 @@
 """Rows = 1 (decode) rate of the native quantized kernels, beside a plain read of the
 same bytes in the same process.
 
-Compiles `kernel_stream.cc` (which includes the library's `native/quant_matmul.cc`, so it
-times exactly the kernels `native.quant_matmul` runs, without JAX around them) with the
-library's compiler and flags, then for each weight type and thread count times:
+Compiles `kernel_stream.cc` (which includes the library's `native/quant_matmul.cc` and
+calls its `Run`: a product as `native.quant_matmul` computes it, activation set-up and
+pool dispatch included, without JAX around it) with the library's compiler and flags,
+then for each weight type and thread count times:
 - cache: a 256 x 2048 matrix, repeated: the kernel's arithmetic rate (weight GB/s);
 - stream: a 512 MB matrix: the rate from memory, where a decode step lives.
 The reference, in the same process over the same buffer and threads, is an AVX-512 read
@@ -31,7 +32,7 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, os.path.dirname(__file__))
 from machine import banner, describe  # noqa: E402
 
-from rustgpt_jax.native import build  # noqa: E402
+from rustgpt_jax.native import build, cpu_gemv  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NATIVE = os.path.dirname(os.path.abspath(build.__file__))
@@ -68,8 +69,9 @@ def main():
             for mode in args.modes:
                 for threads in args.threads:
                     for name in args.types:
-                        done = subprocess.run([exe, str(int(T[name])), mode, str(threads)],
-                                              capture_output=True, text=True)
+                        done = subprocess.run(
+                            [exe, str(int(T[name])), mode, str(threads),
+                             str(cpu_gemv.spin_setting())], capture_output=True, text=True)
                         if done.returncode:
                             raise SystemExit(f'kernel_stream {name}: {done.stderr.strip()}')
                         row = json.loads(done.stdout)

@@ -52,9 +52,11 @@ def _swiglu_grads(gate, up, dh):
     # forward to the backward pass: 2 x (B, T, F) floats per layer.
     gate, up = jax.lax.optimization_barrier((gate, up))
     g, u, dh = (a.astype(jnp.float32) for a in (gate, up, dh))
-    # The term both cotangents share includes dh: a shared sigmoid(g) alone depends on
-    # forward values only, and XLA:CPU (whose optimisation barriers are gone before
-    # scheduling) computed it in the forward pass and kept it until here.
+    # The term both cotangents share includes dh. The barrier stops CSE, not XLA:CPU's
+    # scheduler: a shared sigmoid(g), which depends on forward values only, was computed
+    # in the forward pass and kept until here (B, T, F floats per layer). Without this
+    # barrier and rms_norm's, the step's temporaries at train_throughput (b) grew
+    # 941.9 -> 1,059.9 MB.
     a = dh * jax.nn.sigmoid(g)
     return u * (a + a * g * jax.nn.sigmoid(-g)), a * g
 

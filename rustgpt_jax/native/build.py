@@ -29,7 +29,7 @@ import jax
 HERE = Path(__file__).parent
 SOURCES = (HERE / 'cpu_gemv.cc', HERE / 'quant_matmul.cc')  # compiled in this order
 HEADERS = (HERE / 'spin_pool.h', HERE / 'quant_core.inc', HERE / 'quant_fused.inc',
-           HERE / 'quant_prefill.inc', HERE / 'quant_half.inc')
+           HERE / 'quant_fused_avx2.inc', HERE / 'quant_prefill.inc', HERE / 'quant_half.inc')
 FLAGS = ('-O3', '-std=c++17', '-fPIC')
 ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
 

@@ -163,11 +163,14 @@ struct Simd {
     return _mm_cvtss_f32(s);
   }
   static F ToFloat(I a) { return _mm256_cvtepi32_ps(a); }
+  // The first n floats, zeros after them. A masked load: the tile loops load one or two
+  // weight scales per step this way, and a copy through the stack (the first version)
+  // made every such step wait on a store (prefill 7 tokens/s on Q4_K_M, Zen 3).
   static F LoadF(const float* p, int64_t n = kLanes) {
     if (n == kLanes) return _mm256_loadu_ps(p);
-    alignas(32) float tail[kLanes] = {};
-    std::memcpy(tail, p, n * sizeof(float));
-    return _mm256_load_ps(tail);
+    const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, first);
   }
   static __m256i SpreadIndex(int64_t sub) {
     return _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sub == 16 ? 2 : 3);
@@ -200,6 +203,7 @@ struct Simd {
 };
 
 #include "quant_core.inc"
+#include "quant_fused_avx2.inc"
 
 }  // namespace
 }  // namespace avx2
@@ -265,6 +269,7 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   const bool vnni = isa == kAvx512Vnni;
   const bool panel_rows = vnni && rows >= avx512::kHalfGemmRows;  // HalfPrefillRows
   const bool prefill = vnni && rows > avx512::kFusedRows;
+  const bool fused = !vnni && rows <= avx2::kFusedRows;  // quant_fused_avx2.inc's decode
   if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
   int64_t chunk = ((total + 31) / 32 + 3) / 4 * 4;
@@ -316,11 +321,17 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       job.q = q[k].data();
       job.d = d[k].data();
       job.sums = sums[slot].data();
-      if (vnni && !prefill && k == 0) {
+      // Lane starts: every Q8_0/Q4_0 decode job on VNNI, Q4_0's alone on AVX2 (its Q8_0
+      // kernel takes the sign trick; quant_fused_avx2.inc).
+      if (k == 0 && (vnni ? !prefill : fused && part.type == kQ4_0)) {
         const int four = part.type == kQ4_0 ? 1 : 0;
         if (!started[four]) {
           starts[four].resize(rows * in / 4);
-          avx512::LaneStarts(q[0].data(), rows, in, four ? 8 : 128, starts[four].data());
+          if (vnni) {
+            avx512::LaneStarts(q[0].data(), rows, in, four ? 8 : 128, starts[four].data());
+          } else {
+            avx2::LaneStarts(q[0].data(), rows, in, 8, starts[four].data());
+          }
           started[four] = true;
         }
         job.starts = starts[four].data();
@@ -357,7 +368,7 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
                                         : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
-      job.rows_fn = avx2::Rows;
+      job.rows_fn = !half && fused ? avx2::FusedRows : avx2::Rows;
     }
     plan.jobs.push_back(job);
     plan.first.push_back(plan.first.back() + (part.out + part_chunk - 1) / part_chunk);

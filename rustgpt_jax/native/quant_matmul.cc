@@ -75,10 +75,12 @@ struct Job {
   const int8_t* q;    // (rows, in) quantized x
   const float* d;     // (rows, in / 4) x's block scale per int32 lane
   const float* sums;  // (rows, n_sub) d * sum(q) per weight sub-block
-  const int8_t* qi;   // q interleaved by 16 rows (quant_prefill.inc), for PrefillRows
-  const float* dx;    // d per activation block, interleaved likewise
+  const int8_t* qi;   // q interleaved by 16 rows (quant_prefill.inc), for PrefillRows;
+                      // on AVX2, Q4_0's q by pairs of blocks (quant_fused_avx2.inc, PairQ4)
+  const float* dx;    // d per activation block, interleaved likewise; AVX2 Q4_0: PairQ4's
   const void* pre;    // each lane's start per weight sub-block (quant_prefill.inc)
-  const int32_t* starts;  // (rows, in / 4) each lane's start for Q8_0/Q4_0 (quant_fused.inc)
+  const int32_t* starts;  // (rows, in / 4) each lane's start for Q8_0/Q4_0 (quant_fused.inc,
+                          // and PairQ4's for AVX2 Q4_0)
   float* y;           // (rows, ldy): this job's out columns of y
   int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
@@ -265,11 +267,10 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   thread_local std::vector<float> xs;                   // F16/BF16 prompt: x by 16 rows
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
   bool started[2] = {false, false}, permuted = false;
-  bool interleaved[2] = {false, false}, spread = false;
+  bool interleaved[2] = {false, false}, spread = false, paired = false;
   const bool vnni = isa == kAvx512Vnni;
   const bool panel_rows = vnni && rows >= avx512::kHalfGemmRows;  // HalfPrefillRows
   const bool prefill = vnni && rows > avx512::kFusedRows;
-  const bool fused = !vnni && rows <= avx2::kFusedRows;  // quant_fused_avx2.inc's decode
   if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
   int64_t chunk = ((total + 31) / 32 + 3) / 4 * 4;
@@ -321,20 +322,27 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
       job.q = q[k].data();
       job.d = d[k].data();
       job.sums = sums[slot].data();
-      // Lane starts: every Q8_0/Q4_0 decode job on VNNI, Q4_0's alone on AVX2 (its Q8_0
-      // kernel takes the sign trick; quant_fused_avx2.inc).
-      if (k == 0 && (vnni ? !prefill : fused && part.type == kQ4_0)) {
+      if (vnni && !prefill && k == 0) {
         const int four = part.type == kQ4_0 ? 1 : 0;
         if (!started[four]) {
           starts[four].resize(rows * in / 4);
-          if (vnni) {
-            avx512::LaneStarts(q[0].data(), rows, in, four ? 8 : 128, starts[four].data());
-          } else {
-            avx2::LaneStarts(q[0].data(), rows, in, 8, starts[four].data());
-          }
+          avx512::LaneStarts(q[0].data(), rows, in, four ? 8 : 128, starts[four].data());
           started[four] = true;
         }
         job.starts = starts[four].data();
+      }
+      if (!vnni && part.type == kQ4_0) {  // AVX2 Q4_0 takes pairs of blocks
+        if (!paired) {
+          qi[0].resize(rows * in);
+          dx[0].resize(rows * in / 4);
+          starts[1].resize(rows * in / 4);
+          avx2::PairQ4(q[0].data(), d[0].data(), rows, in, qi[0].data(), dx[0].data(),
+                       starts[1].data());
+          paired = true;
+        }
+        job.qi = qi[0].data();
+        job.dx = dx[0].data();
+        job.starts = starts[1].data();
       }
       if (vnni && !prefill && (part.type == kQ4_K || part.type == kQ5_K)) {
         if (!permuted) {
@@ -368,7 +376,9 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
                                         : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
-      job.rows_fn = !half && fused ? avx2::FusedRows : avx2::Rows;
+      job.rows_fn = half                           ? avx2::Rows
+                    : rows <= avx2::kFusedRows ? avx2::FusedRows
+                                               : avx2::PrefillRows;
     }
     plan.jobs.push_back(job);
     plan.first.push_back(plan.first.back() + (part.out + part_chunk - 1) / part_chunk);

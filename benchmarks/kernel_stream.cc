@@ -6,8 +6,9 @@
 //         rate) or stream (a 512 MB matrix: the rate from memory); THREADS: 1 or 2 (the
 //         library's pool); SPIN_US: the pool's spin (native.cpu_gemv.spin_setting).
 // Prints one JSON object: the kernel's weight GB/s and, as the reference measured in the
-// same process over the same buffer and threads, a plain AVX-512 read (a sum of every
-// 64-byte line, ReadLines), best of 7 trials each, alternating.
+// same process over the same buffer and threads, a plain read (a sum of every 64-byte
+// line in AVX-512 or AVX2, as the library's kernels here: ReadLines), best of 7 trials
+// each, alternating.
 //
 // It includes the library's source (quant_matmul.cc and its .inc files) and calls its
 // `Run`, so it times exactly what a product costs in the library (activation set-up,
@@ -42,9 +43,11 @@ void FiniteScales(int64_t type, const Format& f, std::vector<uint8_t>& w) {
 }
 
 // The reference: every 64-byte line read into four independent sums, with the fused
-// kernels' software prefetch distance (quant_fused.inc, kAhead), so that it differs from
-// them only in doing no arithmetic on what it reads.
-__attribute__((target("avx512f"))) float ReadLines(const uint8_t* p, int64_t n) {
+// kernels' software prefetch distance (quant_fused.inc and quant_fused_avx2.inc, kAhead),
+// so that it differs from them only in doing no arithmetic on what it reads. In the
+// widest vectors the kernels themselves use: AVX-512, or AVX2 where the library runs its
+// AVX2 copy.
+__attribute__((target("avx512f"))) float ReadLines512(const uint8_t* p, int64_t n) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
   int64_t i = 0;
@@ -62,6 +65,31 @@ __attribute__((target("avx512f"))) float ReadLines(const uint8_t* p, int64_t n) 
                                             _mm512_add_ps(acc[2], acc[3])));
 }
 
+__attribute__((target("avx2"))) float ReadLines256(const uint8_t* p, int64_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+#define AT(k) _mm256_loadu_ps(reinterpret_cast<const float*>(p + (k)))
+  int64_t i = 0;
+  for (; i + 256 <= n; i += 256) {
+    for (int j = 0; j < 4; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + i + 64 * j + avx2::kAhead), _MM_HINT_T0);
+      acc[j] = _mm256_add_ps(acc[j], _mm256_add_ps(AT(i + 64 * j), AT(i + 64 * j + 32)));
+    }
+  }
+  for (; i + 64 <= n; i += 64) acc[0] = _mm256_add_ps(acc[0], _mm256_add_ps(AT(i), AT(i + 32)));
+#undef AT
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                       _mm256_add_ps(acc[2], acc[3])));
+  float total = 0;
+  for (float v : lanes) total += v;
+  return total;
+}
+
+float ReadLines(const uint8_t* p, int64_t n) {
+  return BestIsa() == kAvx512Vnni ? ReadLines512(p, n) : ReadLines256(p, n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,7 +102,7 @@ int main(int argc, char** argv) {
   const int threads = std::atoi(argv[3]);
   const int64_t spin_us = std::atoll(argv[4]);
   Format f;
-  if (!FormatOf(type, &f) || BestIsa() != kAvx512Vnni || threads < 1 || threads > 2) {
+  if (!FormatOf(type, &f) || BestIsa() == kBestIsa || threads < 1 || threads > 2) {
     std::fprintf(stderr, "kernel_stream: unsupported type, CPU or thread count\n");
     return 2;
   }
@@ -119,9 +147,10 @@ int main(int argc, char** argv) {
     best_read = std::min(best_read, Seconds(t0) / reps);
   }
   const double bytes = static_cast<double>(w.size());
-  std::printf("{\"type\": %lld, \"mode\": \"%s\", \"threads\": %d, \"kernel_gbps\": %.2f, "
-              "\"read_gbps\": %.2f, \"y0\": %g}\n", static_cast<long long>(type),
-              stream ? "stream" : "cache", threads, bytes / best_kernel / 1e9,
+  std::printf("{\"type\": %lld, \"mode\": \"%s\", \"threads\": %d, \"isa\": \"%s\", "
+              "\"kernel_gbps\": %.2f, \"read_gbps\": %.2f, \"y0\": %g}\n",
+              static_cast<long long>(type), stream ? "stream" : "cache", threads,
+              BestIsa() == kAvx512Vnni ? "avx512_vnni" : "avx2", bytes / best_kernel / 1e9,
               bytes / best_read / 1e9, static_cast<double>(y[0]));
   return 0;
 }

@@ -7,15 +7,16 @@ pool dispatch included, without JAX around it) with the library's compiler and f
 then for each weight type and thread count times:
 - cache: a 256 x 2048 matrix, repeated: the kernel's arithmetic rate (weight GB/s);
 - stream: a 512 MB matrix: the rate from memory, where a decode step lives.
-The reference, in the same process over the same buffer and threads, is an AVX-512 read
-of every cache line. Rounds alternate the types; each row is the best round. This is the
+The reference, in the same process over the same buffer and threads, is a read of every
+cache line in the kernels' vector width (AVX-512 where the library runs its VNNI copy,
+AVX2 where it runs its AVX2 one; the table names it). Rounds alternate the types; each row is the best round. This is the
 tool for kernel changes (prefetch distance, unpacking): the JAX-level
 `quant_matmul.py` adds the FFI call and dispatch around each product, whose noise on a
 shared VM hid differences of 10-20% here.
 
 Usage: python benchmarks/kernel_stream.py [--types F16 Q8_0 Q4_0 Q4_K Q5_K Q6_K]
        [--threads 1 2] [--modes cache stream] [--rounds 3] [--json PATH]
-Needs an AVX-512 VNNI CPU (the kernels it times).
+Needs AVX2 + FMA + F16C at least (the library's AVX2 kernels).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main():
                             raise SystemExit(f'kernel_stream {name}: {done.stderr.strip()}')
                         row = json.loads(done.stdout)
                         runs.setdefault((name, mode, threads), []).append(row)
+    isa = next(iter(runs.values()))[0]['isa']
+    print(f'kernels: {isa}')
     print(f"{'type':6} {'mode':7} {'threads':>7} {'kernel GB/s':>12} {'read GB/s':>10} "
           f"{'ratio':>6}")
     rows = []
@@ -91,7 +94,8 @@ def main():
               f"{row['ratio']:6.2f}")
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'benchmark': 'kernel_stream', 'machine': info, 'rounds': args.rounds,
+            json.dump({'benchmark': 'kernel_stream', 'machine': info, 'isa': isa,
+                       'rounds': args.rounds,
                        'rows': rows}, f, indent=1)
 
 

@@ -376,9 +376,9 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
                                         : avx512::Rows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
-      job.rows_fn = half                           ? avx2::Rows
-                    : rows <= avx2::kFusedRows ? avx2::FusedRows
-                                               : avx2::PrefillRows;
+      job.rows_fn = half ? (rows == 1 ? avx2::HalfDecodeRows : avx2::Rows)
+                         : rows <= avx2::kFusedRows ? avx2::FusedRows
+                                                    : avx2::PrefillRows;
     }
     plan.jobs.push_back(job);
     plan.first.push_back(plan.first.back() + (part.out + part_chunk - 1) / part_chunk);

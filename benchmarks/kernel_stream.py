@@ -9,8 +9,9 @@ then for each weight type and thread count times:
 - stream: a 512 MB matrix: the rate from memory, where a decode step lives.
 The reference, in the same process over the same buffer and threads, is a read of every
 cache line in the kernels' vector width (AVX-512 where the library runs its VNNI copy,
-AVX2 where it runs its AVX2 one; the table names it). Rounds alternate the types; each row is the best round. This is the
-tool for kernel changes (prefetch distance, unpacking): the JAX-level
+AVX2 where it runs its AVX2 one; the table names it). Rounds alternate the types; each
+row is the best round. This is the tool for kernel changes (prefetch distance,
+unpacking): the JAX-level
 `quant_matmul.py` adds the FFI call and dispatch around each product, whose noise on a
 shared VM hid differences of 10-20% here.
 

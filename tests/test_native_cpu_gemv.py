@@ -18,9 +18,20 @@ from rustgpt_jax.native import cpu_gemv
 def _require_kernel():
     # Skipped only where the hardware or toolchain cannot run it at all; a build that
     # fails with a compiler present is a failure.
-    if not cpu_gemv._cpu_has_avx512f() or cpu_gemv._compiler() is None:
+    if not cpu_gemv._cpu_has_kernels() or cpu_gemv._compiler() is None:
         pytest.skip(f'cpu_gemv cannot run here: {cpu_gemv.unavailable_reason()}')
     assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+
+
+# Each copy of the kernels (cpu_gemv.cc: AVX-512F and AVX2), forced; a CPU without
+# AVX-512F runs the AVX2 one only.
+ISAS = ['avx512f', 'avx2']
+
+
+def _require_isa(isa):
+    _require_kernel()
+    if isa == 'avx512f' and 'avx512f' not in cpu_gemv._cpu_flags():
+        pytest.skip('this CPU has no AVX-512F; the AVX2 copy runs')
 
 
 def _case(rows, n_in, n_out, seed=0):
@@ -39,12 +50,14 @@ def _oracle(x, w, input_major=False):
 SHAPES = [(16, 64), (37, 7), (771, 130), (100, 2051), (5, 257)]
 
 
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('n_in,n_out', SHAPES)
 @pytest.mark.parametrize('rows', [1, 2, 5, 8])
-def test_gemv_equals_float64_numpy(rows, n_in, n_out):
-    _require_kernel()
+def test_gemv_equals_float64_numpy(rows, n_in, n_out, isa):
+    _require_isa(isa)
     x, w = _case(rows, n_in, n_out)
-    got = np.asarray(jax.jit(cpu_gemv.gemv)(x, w))
+    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=(2, 3, 4, 5))(x, w, False, None,
+                                                                          None, isa))
     expected = _oracle(x, w)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
@@ -54,28 +67,32 @@ def test_gemv_equals_float64_numpy(rows, n_in, n_out):
 SHAPES_INPUT_MAJOR = [(16, 64), (37, 7), (6, 300), (129, 2051), (7, 9000)]
 
 
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('n_in,n_out', SHAPES_INPUT_MAJOR)
 @pytest.mark.parametrize('rows', [1, 3, 8])
-def test_input_major_gemv_equals_float64_numpy(rows, n_in, n_out):
-    _require_kernel()
+def test_input_major_gemv_equals_float64_numpy(rows, n_in, n_out, isa):
+    _require_isa(isa)
     x, w = _case(rows, n_in, n_out)
     w = np.ascontiguousarray(w.T)  # (in, out)
-    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=2)(x, w, True))
+    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=(2, 3, 4, 5))(x, w, True, None,
+                                                                          None, isa))
     expected = _oracle(x, w, input_major=True)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize('isa', ISAS)
 @pytest.mark.parametrize('input_major', [False, True])
 @pytest.mark.parametrize('lead,rows,n_in,n_out', [((12,), 1, 64, 256), ((2, 3), 4, 37, 21),
                                                   ((5,), 8, 256, 64)])
-def test_batched_gemv_equals_float64_numpy(lead, rows, n_in, n_out, input_major):
+def test_batched_gemv_equals_float64_numpy(lead, rows, n_in, n_out, input_major, isa):
     # Independent products, e.g. per KV head in decode attention: (P, G, H) . (P, C, H).
-    _require_kernel()
+    _require_isa(isa)
     rng = np.random.default_rng(2)
     x = rng.normal(size=lead + (rows, n_in)).astype(np.float32)
     w = rng.normal(size=lead + ((n_in, n_out) if input_major else (n_out, n_in)))
     w = w.astype(np.float32)
-    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=2)(x, w, input_major))
+    got = np.asarray(jax.jit(cpu_gemv.gemv, static_argnums=(2, 3, 4, 5))(
+        x, w, input_major, None, None, isa))
     w64 = w.astype(np.float64)
     expected = x.astype(np.float64) @ (w64 if input_major else np.swapaxes(w64, -1, -2))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -162,6 +179,13 @@ def test_other_platforms_lower_to_xla_dot():
 def test_gemv_rejects_bad_input_by_name(x_shape, w_shape, dtype, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         cpu_gemv.gemv(jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype))
+
+
+def test_an_unknown_isa_raises():
+    _require_kernel()
+    with pytest.raises(ValueError, match="isa must be None or one of"):
+        cpu_gemv.gemv(jnp.zeros((1, 16), jnp.float32), jnp.zeros((8, 16), jnp.float32),
+                      isa='sse2')
 
 
 def test_build_errors_name_the_compiler_problem(tmp_path, monkeypatch):

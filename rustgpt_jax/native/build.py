@@ -7,7 +7,7 @@ version. One library, loaded once, because its kernels share one worker pool
 
 No ISA flag is global: the AVX-512 and AVX2 functions carry `#pragma GCC target` and are
 chosen at run time, so the library loads on any x86-64 CPU; each kernel's Python module
-says whether it can run (cpu_gemv needs AVX-512F; quant_matmul needs AVX2 at least).
+says whether it can run (cpu_gemv needs AVX2 + FMA, quant_matmul AVX2 + FMA + F16C, at least).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import jax
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / 'cpu_gemv.cc', HERE / 'quant_matmul.cc')  # compiled in this order
-HEADERS = (HERE / 'spin_pool.h', HERE / 'quant_core.inc', HERE / 'quant_fused.inc',
-           HERE / 'quant_fused_avx2.inc', HERE / 'quant_prefill.inc', HERE / 'quant_half.inc')
+HEADERS = (HERE / 'spin_pool.h', HERE / 'gemv_core.inc', HERE / 'quant_core.inc',
+           HERE / 'quant_fused.inc', HERE / 'quant_fused_avx2.inc', HERE / 'quant_prefill.inc',
+           HERE / 'quant_half.inc')
 FLAGS = ('-O3', '-std=c++17', '-fPIC')
 ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
 

@@ -9,9 +9,10 @@ and `threads - 1` workers take from a shared ticket; the workers spin (yielding)
 `spin_us` microseconds between calls before they sleep.
 
 The kernel is part of the one native library (native/build.py: compiled on first use,
-cached, shared pool with native.quant_matmul). Where it cannot be built or run (not Linux x86-64, no
-AVX-512F, no compiler, a failed build) `available()` is False, `unavailable_reason()`
-says why, and `runtime.products` falls back to XLA's dot (one warning).
+cached, shared pool with native.quant_matmul), in an AVX-512F and an AVX2 + FMA copy.
+Where it cannot be built or run (not Linux x86-64, neither instruction set, no compiler,
+a failed build) `available()` is False, `unavailable_reason()` says why, and
+`runtime.products` falls back to XLA's dot (one warning).
 
 Settings (README, "Settings"): threads, spin and cache directory are explicit arguments
 (fields of `runtime.Execution`); where one is None, the environment variable
@@ -38,6 +39,7 @@ from rustgpt_jax.native import build as native_build
 MAX_ROWS = 8  # rows of x the kernel takes (decode steps up to batch 8)
 TARGET = 'rgj_gemv'  # W output-major (out, in)
 TARGET_INPUT_MAJOR = 'rgj_gemv_input_major'  # W input-major (in, out)
+ISAS = {'avx2': 1, 'avx512f': 2}  # the kernel's `isa` attribute; 0 = the best here
 
 ENV_THREADS = 'RGJ_GEMV_THREADS'
 ENV_SPIN_US = 'RGJ_GEMV_SPIN_US'
@@ -85,12 +87,21 @@ def _compiler() -> Optional[str]:
     return native_build.compiler()
 
 
-def _cpu_has_avx512f() -> bool:
+def _cpu_flags() -> set:
     try:
         with open('/proc/cpuinfo') as f:
-            return any(line.startswith('flags') and ' avx512f' in line for line in f)
+            for line in f:
+                if line.startswith('flags'):
+                    return set(line.split(':', 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+def _cpu_has_kernels() -> bool:
+    """AVX-512F (the kernels' wide copy) or AVX2 + FMA (the other one): cpu_gemv.cc."""
+    flags = _cpu_flags()
+    return 'avx512f' in flags or {'avx2', 'fma'} <= flags
 
 
 def build(directory: Optional[Path] = None) -> Path:
@@ -104,8 +115,8 @@ def build(directory: Optional[Path] = None) -> Path:
 
 
 def _load(directory: Optional[str]) -> None:
-    if not _cpu_has_avx512f():
-        raise RuntimeError('this CPU has no AVX-512F')
+    if not _cpu_has_kernels():
+        raise RuntimeError('this CPU has neither AVX-512F nor AVX2 + FMA')
     native_build.load(directory)
 
 
@@ -132,14 +143,15 @@ def _out_dim(w, input_major: bool) -> int:
     return w.shape[-1] if input_major else w.shape[-2]
 
 
-def _ffi_gemv(x, w, input_major, threads, spin_us):
+def _ffi_gemv(x, w, input_major, threads, spin_us, isa_code):
     lead = w.shape[:-2]
     p = math.prod(lead)
     y = jax.ffi.ffi_call(
         TARGET_INPUT_MAJOR if input_major else TARGET,
         jax.ShapeDtypeStruct((p, x.shape[-2], _out_dim(w, input_major)), x.dtype),
         vmap_method='sequential')(x.reshape((p,) + x.shape[-2:]), w.reshape((p,) + w.shape[-2:]),
-                                  threads=np.int64(threads), spin_us=np.int64(spin_us))
+                                  threads=np.int64(threads), spin_us=np.int64(spin_us),
+                                  isa=np.int64(isa_code))
     return y.reshape(x.shape[:-1] + (_out_dim(w, input_major),))
 
 
@@ -147,9 +159,9 @@ def _xla_gemv(x, w, input_major):
     return jnp.einsum('...bi,...io->...bo' if input_major else '...bi,...oi->...bo', x, w)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def gemv(x, w, input_major: bool = False, threads: Optional[int] = None,
-         spin_us: Optional[int] = None):
+         spin_us: Optional[int] = None, isa: Optional[str] = None):
     """y = x . W on CPU through the kernel, XLA's dot on other platforms.
 
     Args:
@@ -159,6 +171,8 @@ def gemv(x, w, input_major: bool = False, threads: Optional[int] = None,
         cache's (C, H) values); `batch` dims (e.g. KV heads) are independent products.
       input_major: which layout `w` has.
       threads, spin_us: the kernel's settings (`threads_setting`, `spin_setting`).
+      isa: 'avx512f' or 'avx2' to force one copy of the kernels (tests); None = the best
+        here.
 
     Returns:
       (*batch, rows, out) float32. Differentiable (tangents go through XLA's dots).
@@ -172,19 +186,23 @@ def gemv(x, w, input_major: bool = False, threads: Optional[int] = None,
         raise ValueError(f'gemv: x has {x.shape[-2]} rows; the kernel takes 1 to {MAX_ROWS}')
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f'gemv: float32 only, got {x.dtype} and {w.dtype}')
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f'gemv: isa must be None or one of {sorted(ISAS)}, got {isa!r}')
     if not available():
         raise RuntimeError(f'the cpu_gemv kernel is unavailable: {unavailable_reason()}')
+    if isa == 'avx512f' and 'avx512f' not in _cpu_flags():
+        raise ValueError('gemv: this CPU has no AVX-512F')
     return jax.lax.platform_dependent(
         x, w, cpu=functools.partial(_ffi_gemv, input_major=input_major,
                                     threads=threads_setting(threads),
-                                    spin_us=spin_setting(spin_us)),
+                                    spin_us=spin_setting(spin_us), isa_code=ISAS.get(isa, 0)),
         default=functools.partial(_xla_gemv, input_major=input_major))
 
 
 @gemv.defjvp
-def _gemv_jvp(input_major, threads, spin_us, primals, tangents):
+def _gemv_jvp(input_major, threads, spin_us, isa, primals, tangents):
     (x, w), (dx, dw) = primals, tangents
-    return (gemv(x, w, input_major, threads, spin_us),
+    return (gemv(x, w, input_major, threads, spin_us, isa),
             _xla_gemv(dx, w, input_major) + _xla_gemv(x, dw, input_major))
 
 

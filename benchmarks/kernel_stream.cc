@@ -1,10 +1,12 @@
-// One-process timing of the native decode kernels (rows = 1) for kernel_stream.py.
+// One-process timing of the native kernels (rows = 1: decode; more: a prompt's product)
+// for kernel_stream.py.
 //
-// Usage: kernel_stream TYPE MODE THREADS SPIN_US
+// Usage: kernel_stream TYPE MODE THREADS SPIN_US [ROWS]
 //   TYPE: a gguf.GGMLQuantizationType value (1 F16, 30 BF16, 8 Q8_0, 2 Q4_0, 12 Q4_K,
 //         13 Q5_K, 14 Q6_K); MODE: cache (a 256-row matrix, repeated: the arithmetic
 //         rate) or stream (a 512 MB matrix: the rate from memory); THREADS: 1 or 2 (the
-//         library's pool); SPIN_US: the pool's spin (native.cpu_gemv.spin_setting).
+//         library's pool); SPIN_US: the pool's spin (native.cpu_gemv.spin_setting);
+//         ROWS: activation rows per product (default 1).
 // Prints one JSON object: the kernel's weight GB/s and, as the reference measured in the
 // same process over the same buffer and threads, a plain read (a sum of every 64-byte
 // line in AVX-512 or AVX2, as the library's kernels here: ReadLines), best of 7 trials
@@ -93,16 +95,18 @@ float ReadLines(const uint8_t* p, int64_t n) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: kernel_stream TYPE cache|stream THREADS SPIN_US\n");
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: kernel_stream TYPE cache|stream THREADS SPIN_US [ROWS]\n");
     return 2;
   }
   const int64_t type = std::atoll(argv[1]);
   const bool stream = std::string(argv[2]) == "stream";
   const int threads = std::atoi(argv[3]);
   const int64_t spin_us = std::atoll(argv[4]);
+  const int64_t rows = argc == 6 ? std::atoll(argv[5]) : 1;
   Format f;
-  if (!FormatOf(type, &f) || BestIsa() == kBestIsa || threads < 1 || threads > 2) {
+  if (!FormatOf(type, &f) || BestIsa() == kBestIsa || threads < 1 || threads > 2 ||
+      rows < 1) {
     std::fprintf(stderr, "kernel_stream: unsupported type, CPU or thread count\n");
     return 2;
   }
@@ -116,17 +120,17 @@ int main(int argc, char** argv) {
   // Each call is the library's own `Run` (quant_matmul.cc): the activation's
   // quantization and the pool dispatch over `threads` included, as one product of a
   // decode step. The read reference splits the rows in two halves, one per thread.
-  std::vector<float> x(in), y(out);
+  std::vector<float> x(rows * in), y(rows * out);
   std::normal_distribution<float> normal;
   for (auto& v : x) v = normal(rng);
   const std::vector<Part> parts = {Part{type, w.data(), out, row_bytes}};
   volatile float sink = 0;
-  const int reps = stream ? 3 : 400;
+  const int reps = stream ? 3 : static_cast<int>(400 / rows > 3 ? 400 / rows : 3);
   double best_kernel = 1e30, best_read = 1e30;
   for (int trial = 0; trial < 7; ++trial) {
     auto t0 = std::chrono::steady_clock::now();
     for (int r = 0; r < reps; ++r) {
-      if (!Run(x.data(), 1, in, parts, y.data(), threads, spin_us, kBestIsa).success()) {
+      if (!Run(x.data(), rows, in, parts, y.data(), threads, spin_us, kBestIsa).success()) {
         std::fprintf(stderr, "kernel_stream: the library refused the call\n");
         return 2;
       }
@@ -147,9 +151,10 @@ int main(int argc, char** argv) {
     best_read = std::min(best_read, Seconds(t0) / reps);
   }
   const double bytes = static_cast<double>(w.size());
-  std::printf("{\"type\": %lld, \"mode\": \"%s\", \"threads\": %d, \"isa\": \"%s\", "
-              "\"kernel_gbps\": %.2f, \"read_gbps\": %.2f, \"y0\": %g}\n",
+  std::printf("{\"type\": %lld, \"mode\": \"%s\", \"threads\": %d, \"rows\": %lld, "
+              "\"isa\": \"%s\", \"kernel_gbps\": %.4f, \"read_gbps\": %.2f, \"y0\": %g}\n",
               static_cast<long long>(type), stream ? "stream" : "cache", threads,
+              static_cast<long long>(rows),
               BestIsa() == kAvx512Vnni ? "avx512_vnni" : "avx2", bytes / best_kernel / 1e9,
               bytes / best_read / 1e9, static_cast<double>(y[0]));
   return 0;

@@ -1,5 +1,5 @@
-"""Rows = 1 (decode) rate of the native quantized kernels, beside a plain read of the
-same bytes in the same process.
+"""Decode-step (rows = 1) or prompt (--rows 128) rate of the native quantized kernels,
+beside a plain read of the same bytes in the same process.
 
 Compiles `kernel_stream.cc` (which includes the library's `native/quant_matmul.cc` and
 calls its `Run`: a product as `native.quant_matmul` computes it, activation set-up and
@@ -16,7 +16,8 @@ unpacking): the JAX-level
 shared VM hid differences of 10-20% here.
 
 Usage: python benchmarks/kernel_stream.py [--types F16 Q8_0 Q4_0 Q4_K Q5_K Q6_K]
-       [--threads 1 2] [--modes cache stream] [--rounds 3] [--json PATH]
+       [--threads 1 2] [--modes cache stream] [--rounds 3] [--rows 1] [--json PATH]
+(--rows 128 times a prompt's products: the same weights, 128 activation rows.)
 Needs AVX2 + FMA + F16C at least (the library's AVX2 kernels).
 """
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -60,6 +62,8 @@ def main():
     p.add_argument('--modes', nargs='+', default=['cache', 'stream'],
                    choices=['cache', 'stream'])
     p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--rows', type=int, default=1,
+                   help='activation rows per product: 1 is a decode step, 128 a prompt')
     p.add_argument('--json', default=None)
     args = p.parse_args()
     info = describe()
@@ -73,31 +77,35 @@ def main():
                     for name in args.types:
                         done = subprocess.run(
                             [exe, str(int(T[name])), mode, str(threads),
-                             str(cpu_gemv.spin_setting())], capture_output=True, text=True)
+                             str(cpu_gemv.spin_setting()), str(args.rows)],
+                            capture_output=True, text=True)
                         if done.returncode:
                             raise SystemExit(f'kernel_stream {name}: {done.stderr.strip()}')
                         row = json.loads(done.stdout)
                         runs.setdefault((name, mode, threads), []).append(row)
     isa = next(iter(runs.values()))[0]['isa']
-    print(f'kernels: {isa}')
+    print(f'kernels: {isa}; {args.rows} activation row(s) per product (weight GB/s; the '
+          f'read is of the same bytes once)')
     print(f"{'type':6} {'mode':7} {'threads':>7} {'kernel GB/s':>12} {'read GB/s':>10} "
-          f"{'ratio':>6}")
+          f"{'ratio':>6} {'GMAC/s':>8}")
     rows = []
     for (name, mode, threads), found in sorted(runs.items(), key=lambda kv: (
             kv[0][1], kv[0][2], TYPES.index(kv[0][0]))):
         kernel = max(r['kernel_gbps'] for r in found)
         read = max(r['read_gbps'] for r in found)
+        block, size = GGML_QUANT_SIZES[T[name]]
+        gmacs = kernel / (size / block) * args.rows  # weight values per s, times the rows
         row = {'type': name, 'mode': mode, 'threads': threads, 'kernel_gbps': kernel,
-               'read_gbps': read, 'ratio': round(kernel / read, 3),
+               'read_gbps': read, 'ratio': round(kernel / read, 3), 'gmac_per_s': gmacs,
                'kernel_rounds': [r['kernel_gbps'] for r in found]}
         rows.append(row)
-        print(f"{name:6} {mode:7} {threads:7d} {kernel:12.1f} {read:10.1f} "
-              f"{row['ratio']:6.2f}")
+        print(f"{name:6} {mode:7} {threads:7d} {kernel:12.2f} {read:10.1f} "
+              f"{row['ratio']:6.2f} {gmacs:8.1f}")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'benchmark': 'kernel_stream', 'machine': info, 'isa': isa,
-                       'rounds': args.rounds,
-                       'rows': rows}, f, indent=1)
+                       'activation_rows': args.rows, 'rounds': args.rounds, 'rows': rows},
+                      f, indent=1)
 
 
 if __name__ == '__main__':

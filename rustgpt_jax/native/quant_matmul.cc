@@ -98,32 +98,15 @@ namespace {
 
 struct Simd {
   using F = __m512;
-  using I = __m512i;
-  static constexpr bool kVnni = true;
-  static constexpr int64_t kBytes = 64, kLanes = 16;
+  static constexpr int64_t kLanes = 16;
   static constexpr int kTile = 4;  // activation rows per tile: 4 x 4 accumulators
   static F Zero() { return _mm512_setzero_ps(); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static float Sum(F a) { return _mm512_reduce_add_ps(a); }
-  static F ToFloat(I a) { return _mm512_cvtepi32_ps(a); }
   static F LoadF(const float* p, int64_t n = kLanes) {
     return n == kLanes ? _mm512_loadu_ps(p)
                        : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
-  // Lane k takes scale k / (sub / 4): sub-blocks of 16 or 32 values.
-  static __m512i SpreadIndex(int64_t sub) {
-    return _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                               14, 15), sub == 16 ? 2 : 3);
-  }
-  static F Spread(F scales, __m512i index) { return _mm512_permutexvar_ps(index, scales); }
-  static I LoadBytes(const void* p, int64_t n) {
-    return n == kBytes ? _mm512_loadu_si512(p)
-                       : _mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p);
-  }
-  // Unsigned weight bytes times signed activation bytes, four per int32 lane.
-  template <bool kSigned>
-  static I Dot(I u, I q) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q); }
   template <bool kBf16>
   static F LoadHalf(const uint16_t* p, int64_t n) {
     const __m256i h = n == kLanes
@@ -151,45 +134,24 @@ namespace {
 
 struct Simd {
   using F = __m256;
-  using I = __m256i;
-  static constexpr bool kVnni = false;
-  static constexpr int64_t kBytes = 32, kLanes = 8;
+  static constexpr int64_t kLanes = 8;
   static constexpr int kTile = 2;  // 16 registers: 4 x 2 accumulators
   static F Zero() { return _mm256_setzero_ps(); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static float Sum(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static F ToFloat(I a) { return _mm256_cvtepi32_ps(a); }
-  // The first n floats, zeros after them. A masked load: the tile loops load one or two
-  // weight scales per step this way, and a copy through the stack (the first version)
-  // made every such step wait on a store (prefill 7 tokens/s on Q4_K_M, Zen 3).
+  // The first n floats, zeros after them, by a masked load (a copy through the stack, the
+  // first version, made each partial load wait on a store: the AVX2 integer tile, since
+  // removed, loaded its scales so and prefilled Q4_K_M at 7 tokens/s on a Zen 3).
   static F LoadF(const float* p, int64_t n = kLanes) {
     if (n == kLanes) return _mm256_loadu_ps(p);
     const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return _mm256_maskload_ps(p, first);
-  }
-  static __m256i SpreadIndex(int64_t sub) {
-    return _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), sub == 16 ? 2 : 3);
-  }
-  static F Spread(F scales, __m256i index) { return _mm256_permutevar8x32_ps(scales, index); }
-  // Integer blocks are 32 values, so a step is never partial here.
-  static I LoadBytes(const void* p, int64_t) {
-    return _mm256_loadu_si256(static_cast<const __m256i*>(p));
-  }
-  // maddubs takes unsigned x signed bytes and saturates pairs at int16: unsigned weights
-  // of at most 6 bits are safe; signed ones (Q8_0) go through the sign trick |w| * sgn(w)q.
-  template <bool kSigned>
-  static I Dot(I w, I q) {
-    const __m256i pairs = kSigned ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
-                                                         _mm256_sign_epi8(q, w))
-                                  : _mm256_maddubs_epi16(w, q);
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
   }
   template <bool kBf16>
   static F LoadHalf(const uint16_t* p, int64_t n) {
@@ -373,10 +335,10 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
     if (vnni) {
       job.rows_fn = half ? (panel       ? avx512::HalfPrefillRows
                             : rows == 1 ? avx512::HalfDecodeRows
-                                        : avx512::Rows)
+                                        : avx512::HalfRows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
-      job.rows_fn = half ? (rows == 1 ? avx2::HalfDecodeRows : avx2::Rows)
+      job.rows_fn = half ? (rows == 1 ? avx2::HalfDecodeRows : avx2::HalfRows)
                          : rows <= avx2::kFusedRows ? avx2::FusedRows
                                                     : avx2::PrefillRows;
     }

@@ -66,6 +66,17 @@ def test_xla_dequantize_matches_gguf_py(qtype):
     np.testing.assert_array_equal(np.asarray(jax.jit(quant.take_rows)(q, ids)), ref[ids])
 
 
+def test_ahead_of_time_lowering_takes_quantized_params():
+    # `jit(f).lower(...)` rebuilds argument trees from JAX's ArgInfo stand-ins, which
+    # have a shape and a dtype but no `ndim`; the QArray checks must accept them.
+    raw = random_blocks(T.Q8_0, 3, 64, seed=1)
+    q = quant.QArray(jnp.asarray(raw), T.Q8_0, (64, 3))
+    stacked = quant.concat_rows([q, q], (64, 6))
+    out = jax.jit(lambda c: quant.dequantize(c).sum(0)).lower(stacked).compile()(stacked)
+    ref = gguf.quants.dequantize(raw, T.Q8_0).reshape(3, 64)
+    np.testing.assert_allclose(np.asarray(out), 2 * ref.sum(0), rtol=1e-6)
+
+
 def test_qarray_checks_its_blocks():
     raw = np.zeros((4, 34), np.uint8)
     with pytest.raises(ValueError, match='logical shape'):

@@ -44,10 +44,12 @@ class QArray:
         object.__setattr__(self, 'ggml_type', int(self.ggml_type))
         object.__setattr__(self, 'shape', tuple(int(s) for s in self.shape))
         b = self.blocks
-        # Abstract values and pytree placeholders (tree_map with object leaves) skip checks.
+        # Pytree placeholders (tree_map with object leaves) skip checks. Abstract values
+        # are checked by shape and dtype alone: JAX's own stand-ins (`jit(f).lower`'s
+        # ArgInfo) have no `ndim`.
         if not hasattr(b, 'shape') or not hasattr(b, 'dtype'):
             return
-        if b.ndim != 2 or b.dtype != np.uint8:
+        if len(b.shape) != 2 or b.dtype != np.uint8:
             raise ValueError(f'QArray blocks must be (out, row_bytes) uint8, got '
                              f'{b.dtype} {tuple(b.shape)}')
         block, size = formats.block_size(self.ggml_type)

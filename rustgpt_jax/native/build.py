@@ -28,7 +28,8 @@ import jax
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / 'cpu_gemv.cc', HERE / 'quant_matmul.cc')  # compiled in this order
-HEADERS = (HERE / 'spin_pool.h', HERE / 'gemv_core.inc', HERE / 'quant_core.inc',
+HEADERS = (HERE / 'spin_pool.h', HERE / 'gemv_core.inc', HERE / 'attend_core.inc',
+           HERE / 'quant_core.inc',
            HERE / 'quant_fused.inc', HERE / 'quant_fused_avx2.inc', HERE / 'quant_prefill.inc',
            HERE / 'quant_half.inc')
 FLAGS = ('-O3', '-std=c++17', '-fPIC')
@@ -38,6 +39,7 @@ ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
 TARGETS = {
     'rgj_gemv': 'RgjGemv',
     'rgj_gemv_input_major': 'RgjGemvInputMajor',
+    'rgj_decode_attention': 'RgjDecodeAttention',
     'rgj_quant_matmul': 'RgjQuantMatmul',
     'rgj_quant_matmul_multi': 'RgjQuantMatmulMulti',
 }

@@ -25,6 +25,12 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // rows of x; kernels are instantiated for 1..8
+// e^x for attend_core.inc (Cephes' expf): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
+// polynomial, 2^n through the exponent bits. Below kExpLow (2^-126) it gives 0.
+constexpr float kExpLow = -87.33654f, kExpHigh = 88.37626f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // The kernels (gemv_core.inc) in two copies: AVX-512F and AVX2 + FMA. The library is built
 // without either flag (the quantized kernels must load on AVX2-only CPUs); `Gemv` picks
@@ -50,9 +56,41 @@ struct V {
   static F Set1(float v) { return _mm512_set1_ps(v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float Sum(F a) { return _mm512_reduce_add_ps(a); }
+  // For attend_core.inc.
+  static void Store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F Add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F Sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F Max(F a, F b) { return _mm512_max_ps(a, b); }
+  static float MaxAll(F a) { return _mm512_reduce_max_ps(a); }
+  // (sum a, sum b, sum c, sum d): halves added, then AVX2's pairwise tree.
+  static __m128 Sum4(F a, F b, F c, F d) {
+    const auto half = [](F x) {
+      return _mm256_add_ps(_mm512_castps512_ps256(x),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+    };
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)),
+                                    _mm256_hadd_ps(half(c), half(d)));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  }
+  static F Select(Mask m, F a) { return _mm512_maskz_mov_ps(m, a); }
+  static F Exp(F x) {
+    const Mask keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLow)), _mm512_set1_ps(kExpHigh));
+    const F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    F y = _mm512_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+  }
 };
-
 #include "gemv_core.inc"
+#include "attend_core.inc"
 
 }  // namespace
 }  // namespace avx512
@@ -85,9 +123,41 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // For attend_core.inc.
+  static void Store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F Add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F Sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F Max(F a, F b) { return _mm256_max_ps(a, b); }
+  static float MaxAll(F a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static F Select(Mask m, F a) { return _mm256_and_ps(a, _mm256_castsi256_ps(m)); }
+  // (sum a, sum b, sum c, sum d): pairwise adds within 128-bit lanes, then the lanes.
+  static __m128 Sum4(F a, F b, F c, F d) {
+    const F t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  }
+  static F Exp(F x) {
+    const F keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_GE_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLow)), _mm256_set1_ps(kExpHigh));
+    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    F y = _mm256_set1_ps(kExpPoly[0]);
+    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+  }
 };
-
 #include "gemv_core.inc"
+#include "attend_core.inc"
 
 }  // namespace
 }  // namespace avx2
@@ -184,6 +254,84 @@ ffi::Error GemvInputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return Gemv(true, x, w, y, threads, spin_us, isa);
 }
 
+using AttendFn = void (*)(const float*, const float*, const float*, const float*,
+                         const float*, const int32_t*, int64_t, int64_t, int64_t, float, float*,
+                         float*);
+
+AttendFn AttendFor(int64_t isa) {
+  __builtin_cpu_init();
+  const bool wide = __builtin_cpu_supports("avx512f");
+  if (isa == 1) return avx2::Attend;
+  if (isa == 2) return wide ? avx512::Attend : nullptr;
+  return wide ? avx512::Attend : avx2::Attend;
+}
+
+// One decode step's attention, shared with the pool's workers: chunk i is KV head
+// i % heads of batch row i / heads.
+struct AttendJob {
+  const float *q, *kn, *vn, *kc, *vc;
+  float* out;
+  const int32_t* idx;   // (B, C): each row's kept slots, first kept[b] entries
+  const int64_t* kept;  // (B,)
+  int64_t heads, g, c, h;
+  float scale;
+  AttendFn attend;
+};
+
+void RunHead(const void* context, int64_t index) {
+  const AttendJob& j = *static_cast<const AttendJob*>(context);
+  const int64_t b = index / j.heads;
+  thread_local std::vector<float> scores;
+  if (static_cast<int64_t>(scores.size()) < 2 * (j.c + 1)) scores.resize(2 * (j.c + 1));
+  j.attend(j.q + index * j.g * j.h, j.kn + index * j.h, j.vn + index * j.h,
+           j.kc + index * j.c * j.h, j.vc + index * j.c * j.h, j.idx + b * j.c, j.kept[b], j.g,
+           j.h, j.scale, scores.data(), j.out + index * j.g * j.h);
+}
+
+// out (B, K, G, H): the new token's G query rows per KV head attend over the cache slots
+// `mask` keeps and the token itself (attend_core.inc).
+ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kn,
+                           ffi::Buffer<ffi::F32> vn, ffi::Buffer<ffi::F32> kc,
+                           ffi::Buffer<ffi::F32> vc, ffi::Buffer<ffi::PRED> mask,
+                           ffi::ResultBuffer<ffi::F32> out, float scale, int64_t threads,
+                           int64_t spin_us, int64_t isa) {
+  const auto qd = q.dimensions(), kd = kc.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 2 || kn.dimensions().size() != 3 ||
+      vn.dimensions().size() != 3 || vc.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument(
+        "rgj_decode_attention: q (B, K, G, H), k and v (B, K, H), caches (B, K, C, H), "
+        "mask (B, C)");
+  const int64_t b = qd[0], heads = qd[1], g = qd[2], h = qd[3], c = kd[2];
+  for (int i = 0; i < 4; ++i)
+    if (vc.dimensions()[i] != kd[i])
+      return ffi::Error::InvalidArgument("rgj_decode_attention: the caches differ in shape");
+  for (int i = 0; i < 3; ++i)
+    if (kn.dimensions()[i] != vn.dimensions()[i])
+      return ffi::Error::InvalidArgument("rgj_decode_attention: k and v differ in shape");
+  if (kd[0] != b || kd[1] != heads || kd[3] != h || kn.dimensions()[0] != b ||
+      kn.dimensions()[1] != heads || kn.dimensions()[2] != h || md[0] != b || md[1] != c)
+    return ffi::Error::InvalidArgument("rgj_decode_attention: operand shapes disagree");
+  const AttendFn attend = AttendFor(isa);
+  if (attend == nullptr)
+    return ffi::Error::InvalidArgument("rgj_decode_attention: this CPU has no AVX-512F");
+  thread_local std::vector<int32_t> idx;
+  thread_local std::vector<int64_t> kept;
+  idx.resize(b * c);
+  kept.assign(b, 0);
+  const bool* m = mask.typed_data();
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t i = 0; i < c; ++i)
+      if (m[r * c + i]) idx[r * c + kept[r]++] = static_cast<int32_t>(i);
+  const AttendJob job{q.typed_data(), kn.typed_data(), vn.typed_data(), kc.typed_data(),
+                      vc.typed_data(), out->typed_data(), idx.data(), kept.data(), heads, g,
+                      c, h, scale, attend};
+  rgj::SpinPool& pool = rgj::Pool(threads, spin_us);
+  if (pool.size() == 1 || b * heads == 1 || !pool.TryRun(b * heads, RunHead, &job)) {
+    for (int64_t i = 0; i < b * heads; ++i) RunHead(&job, i);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemv, GemvOutputMajor,
@@ -200,6 +348,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjGemvInputMajor, GemvInputMajor,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("spin_us")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RgjDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("spin_us")
                                   .Attr<int64_t>("isa"));

@@ -39,6 +39,7 @@ from rustgpt_jax.native import build as native_build
 MAX_ROWS = 8  # rows of x the kernel takes (decode steps up to batch 8)
 TARGET = 'rgj_gemv'  # W output-major (out, in)
 TARGET_INPUT_MAJOR = 'rgj_gemv_input_major'  # W input-major (in, out)
+TARGET_ATTENTION = 'rgj_decode_attention'  # one decode step's attention over a KV cache
 ISAS = {'avx2': 1, 'avx512f': 2}  # the kernel's `isa` attribute; 0 = the best here
 
 ENV_THREADS = 'RGJ_GEMV_THREADS'
@@ -204,6 +205,53 @@ def _gemv_jvp(input_major, threads, spin_us, isa, primals, tangents):
     (x, w), (dx, dw) = primals, tangents
     return (gemv(x, w, input_major, threads, spin_us, isa),
             _xla_gemv(dx, w, input_major) + _xla_gemv(x, dw, input_major))
+
+
+def decode_attention(q, k, v, cache_k, cache_v, mask, scale: float,
+                     threads: Optional[int] = None, spin_us: Optional[int] = None,
+                     isa: Optional[str] = None):
+    """One decode step's attention over a KV cache, per KV head, in the kernel (CPU only).
+
+    The softmax over [the cache slots `mask` keeps, the token itself] of scale * q . key,
+    applied to the values (native/attend_core.inc): the math of
+    `runtime.decode_attention`, which calls this on CPU. Masked slots are skipped, not
+    computed and discarded. Not differentiable (decode steps only).
+
+    Args:
+      q: (B, K, G, H) float32, the new token's G query rows per KV head.
+      k, v: (B, K, H) float32, the token's key and value (not in the cache).
+      cache_k, cache_v: (B, K, C, H) float32.
+      mask: (B, C) bool, the slots each row attends to.
+      scale: the logit scale.
+      threads, spin_us: the kernel's settings (`threads_setting`, `spin_setting`).
+      isa: 'avx512f' or 'avx2' to force one copy of the kernels (tests); None = the best.
+
+    Returns:
+      (B, K, G, H) float32.
+    """
+    if q.ndim != 4 or cache_k.shape != q.shape[:2] + (cache_k.shape[2], q.shape[3]):
+        raise ValueError(f'decode_attention: expected q (B, K, G, H) and caches (B, K, C, H), '
+                         f'got {q.shape} and {cache_k.shape}')
+    b, heads, _, h = q.shape
+    if (cache_v.shape != cache_k.shape or k.shape != (b, heads, h) or v.shape != k.shape
+            or mask.shape != (b, cache_k.shape[2])):
+        raise ValueError(f'decode_attention: k, v must be {(b, heads, h)}, cache_v '
+                         f'{cache_k.shape} and mask {(b, cache_k.shape[2])}; got {k.shape}, '
+                         f'{v.shape}, {cache_v.shape} and {mask.shape}')
+    if any(a.dtype != jnp.float32 for a in (q, k, v, cache_k, cache_v)):
+        raise ValueError('decode_attention: q, k, v and the caches must be float32')
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f'decode_attention: isa must be None or one of {sorted(ISAS)}, '
+                         f'got {isa!r}')
+    if not available():
+        raise RuntimeError(f'the cpu_gemv kernel is unavailable: {unavailable_reason()}')
+    if isa == 'avx512f' and 'avx512f' not in _cpu_flags():
+        raise ValueError('decode_attention: this CPU has no AVX-512F')
+    return jax.ffi.ffi_call(TARGET_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method='sequential')(
+        q, k, v, cache_k, cache_v, mask.astype(jnp.bool_), scale=np.float32(scale),
+        threads=np.int64(threads_setting(threads)), spin_us=np.int64(spin_setting(spin_us)),
+        isa=np.int64(ISAS.get(isa, 0)))
 
 
 @functools.cache

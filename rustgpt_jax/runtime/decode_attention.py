@@ -6,18 +6,25 @@ slot being overwritten holds column i - C, which the mask already excludes (the 
 invariant of `nn.attention`). Reading the old buffer, with the write made to depend on
 the result, lets XLA update the cache in place after the reads (benchmarks/RESULTS.md,
 "decode": when the dot reads the updated buffer, XLA:CPU copies every layer's cache).
+
+How it runs: under `matvec=CPU_GEMV` on CPU, in float32, the whole step (scores, mask,
+softmax, values) is one native call (`native.cpu_gemv.decode_attention`), which skips
+the slots the mask drops; everywhere else it is the XLA form below, whose two dots over
+the cache go through `products.matmul`. The two are one function (tests compare them).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from rustgpt_jax import masks as masks_lib
+from rustgpt_jax.native import cpu_gemv
 from rustgpt_jax.runtime import products
-from rustgpt_jax.runtime.execution import Execution
+from rustgpt_jax.runtime.execution import Execution, MatvecImpl
 
 
 def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_positions,
@@ -33,8 +40,9 @@ def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_pos
       cache_positions: (B, C) int32 the position in each slot (negative = empty).
       window: int32 scalar or (B,) window.
       scale: logit scale, default 1/sqrt(H).
-      execution: picks the product of the two dots over the cache (one per KV head,
-        G = N / K query rows each; `products.matmul`).
+      execution: `matvec=CPU_GEMV` runs the step in the native kernel (float32 on CPU);
+        otherwise it picks the product of the XLA form's two dots over the cache (one
+        per KV head, G = N / K query rows each; `products.matmul`).
 
     Returns:
       (B, 1, N, H) in q's dtype.
@@ -45,13 +53,38 @@ def cached_decode_attention(q, k, v, cache_k, cache_v, *, q_positions, cache_pos
         raise ValueError(f'cached_decode_attention takes one token per row, got {t}')
     scale = h ** -0.5 if scale is None else scale
     q = q.reshape(b, kv_heads, n // kv_heads, h)  # (B, K, G, H)
+    mask = masks_lib.make_attention_mask(q_positions, cache_positions, window)[:, 0]  # (B, C)
+    operands = (q, k[:, 0], v[:, 0], cache_k, cache_v, mask)
+    xla = functools.partial(_attend, scale=scale, execution=execution)
+    if _uses_kernel(execution, operands[:5]):
+        kernel = functools.partial(cpu_gemv.decode_attention, scale=scale,
+                                   threads=execution.gemv_threads, spin_us=execution.gemv_spin_us)
+        out = jax.lax.platform_dependent(*operands, cpu=kernel, default=xla)
+    else:
+        out = xla(*operands)
+    return out.reshape(b, 1, n, h).astype(q.dtype)
+
+
+def _uses_kernel(execution: Execution, arrays) -> bool:
+    """Whether the step runs in the native kernel: CPU_GEMV, float32, the library built."""
+    if execution.matvec != MatvecImpl.CPU_GEMV or any(a.dtype != jnp.float32 for a in arrays):
+        return False
+    if not cpu_gemv.available(execution.kernel_cache_dir):
+        cpu_gemv.warn_unavailable_once()
+        return False
+    return True
+
+
+def _attend(q, k, v, cache_k, cache_v, mask, *, scale, execution):
+    """The step in XLA: q (B, K, G, H), k, v (B, K, H), caches (B, K, C, H), mask (B, C).
+
+    Returns (B, K, G, H) float32.
+    """
     # Keys are (C, H) output-major per KV head, values (C, H) input-major.
     old = products.matmul(q, cache_k, input_major=False, execution=execution) * scale
-    mask = masks_lib.make_attention_mask(q_positions, cache_positions, window)  # (B, 1, C)
-    old = jnp.where(mask[:, :, None], old, masks_lib.MASK_VALUE)  # (B, K, G, C)
-    new = jnp.einsum('BKGH,BKH->BKG', q, k[:, 0],
+    old = jnp.where(mask[:, None, None], old, masks_lib.MASK_VALUE)  # (B, K, G, C)
+    new = jnp.einsum('BKGH,BKH->BKG', q, k,
                      preferred_element_type=jnp.float32)[..., None] * scale  # (B, K, G, 1)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
     out = products.matmul(probs[..., :-1], cache_v, input_major=True, execution=execution)
-    out = out + probs[..., -1:] * v[:, 0, :, None].astype(jnp.float32)  # (B, K, G, H)
-    return out.reshape(b, 1, n, h).astype(q.dtype)
+    return out + probs[..., -1:] * v[:, :, None].astype(jnp.float32)

@@ -14,8 +14,11 @@ the compile). Rounds alternate ours / llama.cpp (`--rounds`, default 3) and each
 best round is reported (all rounds are in the JSON): on a shared VM one round moved by
 up to 20%.
 
+`--context N` sizes both sides' KV cache (default: prompt + steps + 8 slots; the CLIs
+size ours by the file's context length, 2048 for TinyLlama).
+
 Usage: python benchmarks/gguf_decode.py [--small] [--threads 2] [--steps 32] [--rounds 3]
-       [--ftypes f16,q8_0,q4_0,q4_k_m] [--json PATH] [--dir DIR]
+       [--ftypes f16,q8_0,q4_0,q4_k_m] [--context N] [--json PATH] [--dir DIR]
 (the full size writes a 4.4 GB F32 file first; --dir picks where).
 """
 
@@ -72,7 +75,7 @@ def _vm_hwm_bytes() -> int:
     return -1
 
 
-def worker(path: str, steps: int, prompt_len: int) -> dict:
+def worker(path: str, steps: int, prompt_len: int, context: int) -> dict:
     """Ours, in this (fresh) process: load, prompt, decode, peak RSS."""
     import jax
     import jax.numpy as jnp
@@ -81,7 +84,7 @@ def worker(path: str, steps: int, prompt_len: int) -> dict:
     from rustgpt_jax.interop.gguf import load_gguf
 
     t = time.perf_counter()
-    config, params, _ = load_gguf(path, max_seq_len=prompt_len + steps + 8, quantized=True)
+    config, params, _ = load_gguf(path, max_seq_len=context, quantized=True)
     form = prepare_for_decode(config, params)  # what rustgpt-generate --gguf runs
     params = jax.block_until_ready(jax.device_put(form.params))
     load_s = time.perf_counter() - t
@@ -126,21 +129,21 @@ def worker(path: str, steps: int, prompt_len: int) -> dict:
             'peak_rss_bytes': _vm_hwm_bytes(), 'execution': repr(form.execution)}
 
 
-def ours(path: str, steps: int, prompt_len: int, threads: int) -> dict:
+def ours(path: str, steps: int, prompt_len: int, context: int, threads: int) -> dict:
     env = dict(os.environ, RGJ_GEMV_THREADS=str(threads), JAX_COMPILATION_CACHE_DIR='')
     done = subprocess.run([sys.executable, __file__, '--worker', path, '--steps', str(steps),
-                           '--prompt_len', str(prompt_len)], env=env, capture_output=True,
-                          text=True)
+                           '--prompt_len', str(prompt_len), '--context', str(context)],
+                          env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f'worker failed on {path}:\n{done.stderr[-3000:]}')
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def llama_cpp_run(path: str, steps: int, prompt_len: int, threads: int) -> dict:
+def llama_cpp_run(path: str, steps: int, prompt_len: int, context: int, threads: int) -> dict:
     import llama_cpp
     t = time.perf_counter()
-    # n_batch covers the context: llama-cpp-python keeps a (n_batch, V) score row per position.
-    llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_len + steps + 8,
+    # n_batch covers the prompt and the decoded tokens (one llm.eval call each).
+    llm = llama_cpp.Llama(model_path=path, n_ctx=context,
                           n_batch=prompt_len + steps + 8,
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t
@@ -200,12 +203,18 @@ def main():
     parser.add_argument('--rounds', type=int, default=3,
                         help='alternating rounds per side; the best round is reported')
     parser.add_argument('--ftypes', default='f16,q8_0,q4_0,q4_k_m')
+    parser.add_argument('--context', type=int, default=0,
+                        help='KV-cache slots on both sides (default: prompt + steps + 8)')
     parser.add_argument('--dir', default=None, help='where to write the GGUF files')
     parser.add_argument('--json', default=None, help='also write the rows as JSON here')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    least = args.prompt_len + args.steps + 8
+    if args.context and args.context < least:
+        parser.error(f'--context {args.context} is below prompt + steps + 8 = {least}')
+    args.context = args.context or least
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.prompt_len)))
+        print(json.dumps(worker(args.worker, args.steps, args.prompt_len, args.context)))
         return
     from rustgpt_jax.config import ModelConfig, tinyllama_1_1b
     config = (ModelConfig(vocab_size=4096, embed_dim=512, hidden_dim=1536, num_layers=4,
@@ -219,9 +228,10 @@ def main():
             nbytes = weight_bytes_per_token(path)
             rounds = {'ours': [], 'llama_cpp': []}
             for _ in range(args.rounds):  # alternating, so other load hits both sides alike
-                rounds['ours'].append(ours(path, args.steps, args.prompt_len, args.threads))
+                rounds['ours'].append(ours(path, args.steps, args.prompt_len, args.context,
+                                           args.threads))
                 rounds['llama_cpp'].append(llama_cpp_run(path, args.steps, args.prompt_len,
-                                                         args.threads))
+                                                         args.context, args.threads))
             rows.append({'ftype': ftype, 'file_gb': os.path.getsize(path) / 1e9,
                          'bound_tokens_per_s': bandwidth / nbytes,
                          'ours': _best(rounds['ours']), 'llama_cpp': _best(rounds['llama_cpp']),
@@ -230,6 +240,7 @@ def main():
     info = machine.describe()
     print(machine.banner(info))
     print(f'copy bandwidth {bandwidth / 1e9:.1f} GB/s, threads {args.threads}, '
+          f'{args.context} KV-cache slots, '
           f'{"small" if args.small else "TinyLlama-1.1B"} shapes, random weights')
     print(f'{"ftype":7} {"GB":>5} {"load ours":>9} {"llama":>6} {"decode ours":>11} '
           f'{"llama":>6} {"ratio":>6} {"bound":>6} {"% bound":>7} {"prompt ours":>11} '
@@ -247,7 +258,7 @@ def main():
         print(f'{r["ftype"]}: time to first token (load excluded, compile included) '
               f'{r["ours"]["first_token_s"]:.2f} s; {r["ours"]["execution"]}')
     document = {'machine': info, 'bandwidth_bytes_per_s': bandwidth, 'threads': args.threads,
-                'small': args.small, 'rows': rows}
+                'context': args.context, 'small': args.small, 'rows': rows}
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(document, f, indent=1)

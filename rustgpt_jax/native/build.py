@@ -31,7 +31,7 @@ SOURCES = (HERE / 'cpu_gemv.cc', HERE / 'quant_matmul.cc')  # compiled in this o
 HEADERS = (HERE / 'spin_pool.h', HERE / 'gemv_core.inc', HERE / 'attend_core.inc',
            HERE / 'quant_core.inc',
            HERE / 'quant_fused.inc', HERE / 'quant_fused_avx2.inc', HERE / 'quant_prefill.inc',
-           HERE / 'quant_half.inc')
+           HERE / 'quant_half_panel.inc', HERE / 'quant_half.inc')
 FLAGS = ('-O3', '-std=c++17', '-fPIC')
 ENV_CACHE_DIR = 'RGJ_CACHE_DIR'
 

@@ -85,7 +85,8 @@ struct Job {
   int64_t ldy;        // y's row stride (the sum of every part's out)
   int64_t chunk;      // weight rows per pool chunk
   void (*rows_fn)(const Job&, int64_t, int64_t);
-  const float* xs;    // x interleaved by 16 rows (quant_half.inc), for HalfPrefillRows
+  const float* xs;    // x interleaved by the ISA's lanes (quant_half_panel.inc), for
+                      // HalfPrefillRows
 };
 
 }  // namespace
@@ -100,12 +101,21 @@ struct Simd {
   using F = __m512;
   static constexpr int64_t kLanes = 16;
   static constexpr int kTile = 4;  // activation rows per tile: 4 x 4 accumulators
+  static constexpr int kHalfO = 12;  // quant_half_panel.inc: 12 x 2 accumulators
   static F Zero() { return _mm512_setzero_ps(); }
+  static F Set1(float v) { return _mm512_set1_ps(v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float Sum(F a) { return _mm512_reduce_add_ps(a); }
   static F LoadF(const float* p, int64_t n = kLanes) {
     return n == kLanes ? _mm512_loadu_ps(p)
                        : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static void StoreF(float* p, F v, int64_t n = kLanes) {
+    if (n == kLanes) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+    }
   }
   template <bool kBf16>
   static F LoadHalf(const uint16_t* p, int64_t n) {
@@ -120,6 +130,7 @@ struct Simd {
 #include "quant_core.inc"
 #include "quant_fused.inc"
 #include "quant_prefill.inc"
+#include "quant_half_panel.inc"
 #include "quant_half.inc"
 
 }  // namespace
@@ -136,7 +147,9 @@ struct Simd {
   using F = __m256;
   static constexpr int64_t kLanes = 8;
   static constexpr int kTile = 2;  // 16 registers: 4 x 2 accumulators
+  static constexpr int kHalfO = 6;  // quant_half_panel.inc: 6 x 2 accumulators
   static F Zero() { return _mm256_setzero_ps(); }
+  static F Set1(float v) { return _mm256_set1_ps(v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float Sum(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -153,6 +166,14 @@ struct Simd {
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return _mm256_maskload_ps(p, first);
   }
+  static void StoreF(float* p, F v, int64_t n = kLanes) {
+    if (n == kLanes) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+    }
+  }
   template <bool kBf16>
   static F LoadHalf(const uint16_t* p, int64_t n) {
     alignas(16) uint16_t tail[kLanes] = {};
@@ -168,6 +189,7 @@ struct Simd {
 
 #include "quant_core.inc"
 #include "quant_fused_avx2.inc"
+#include "quant_half_panel.inc"
 
 }  // namespace
 }  // namespace avx2
@@ -226,12 +248,12 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
   thread_local std::vector<std::vector<int32_t>> pre;  // per part
   thread_local std::vector<int32_t> starts[2];          // decode lane starts: Q8_0, Q4_0
   thread_local std::vector<int8_t> q_k4;                // decode Q8_K in FusedK4's order
-  thread_local std::vector<float> xs;                   // F16/BF16 prompt: x by 16 rows
+  thread_local std::vector<float> xs;                   // F16/BF16 prompt: x by lanes
   bool quantized[2] = {false, false}, summed[3] = {false, false, false};
   bool started[2] = {false, false}, permuted = false;
   bool interleaved[2] = {false, false}, spread = false, paired = false;
   const bool vnni = isa == kAvx512Vnni;
-  const bool panel_rows = vnni && rows >= avx512::kHalfGemmRows;  // HalfPrefillRows
+  const bool panel_rows = rows >= (vnni ? avx512::kHalfGemmRows : avx2::kHalfGemmRows);
   const bool prefill = vnni && rows > avx512::kFusedRows;
   if (pre.size() < parts.size()) pre.resize(parts.size());
   // About 32 chunks of whole four-row groups over all parts, at least 8 rows each.
@@ -247,16 +269,21 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
     const bool half = part.type == kF16 || part.type == kBF16;
     const bool panel = half && panel_rows;
     // HalfPrefillRows: chunks of whole register tiles of weight rows.
-    const int64_t part_chunk =
-        panel ? (chunk + avx512::kHalfO - 1) / avx512::kHalfO * avx512::kHalfO : chunk;
+    const int64_t tile = vnni ? avx512::kHalfO : avx2::kHalfO;
+    const int64_t part_chunk = panel ? (chunk + tile - 1) / tile * tile : chunk;
     Job job{part.type, rows, in, part.out, part.row_bytes, in / f.sub, x, part.w,
             nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, y + column, total,
             part_chunk, nullptr, nullptr};
     column += part.out;
     if (panel) {
       if (!spread) {
-        xs.resize((rows + 15) / 16 * 16 * in);
-        avx512::InterleaveFloats(x, rows, in, xs.data());
+        const int64_t lanes = vnni ? avx512::Simd::kLanes : avx2::Simd::kLanes;
+        xs.resize((rows + lanes - 1) / lanes * lanes * in);
+        if (vnni) {
+          avx512::InterleaveFloats(x, rows, in, xs.data());
+        } else {
+          avx2::InterleaveFloats(x, rows, in, xs.data());
+        }
         spread = true;
       }
       job.xs = xs.data();
@@ -338,7 +365,9 @@ ffi::Error Run(const float* x, int64_t rows, int64_t in, const std::vector<Part>
                                         : avx512::HalfRows)
                          : rows <= avx512::kFusedRows ? avx512::FusedRows : avx512::PrefillRows;
     } else {
-      job.rows_fn = half ? (rows == 1 ? avx2::HalfDecodeRows : avx2::HalfRows)
+      job.rows_fn = half ? (panel       ? avx2::HalfPrefillRows
+                            : rows == 1 ? avx2::HalfDecodeRows
+                                        : avx2::HalfRows)
                          : rows <= avx2::kFusedRows ? avx2::FusedRows
                                                     : avx2::PrefillRows;
     }

@@ -129,3 +129,35 @@ def test_left_pad_rejects_empty_prompt():
     tokens, lengths = left_pad([[1, 2, 3], [4]], pad_id=0, multiple=4)
     np.testing.assert_array_equal(tokens, [[0, 1, 2, 3], [0, 0, 0, 4]])
     np.testing.assert_array_equal(lengths, [3, 1])
+
+
+def test_prefill_skips_an_empty_cache_and_attends_over_a_filled_one():
+    # runtime.decode_attention.cached_chunk_attention: an empty cache (every position
+    # negative) is skipped, so NaN in its slots cannot reach the output; a partly
+    # filled one is attended over, as the dense reference over [cache, chunk] computes.
+    from rustgpt_jax.ops.reference import mha_reference
+    from rustgpt_jax.runtime.decode_attention import cached_chunk_attention
+
+    rng = np.random.default_rng(0)
+    b, t, n, kv, h, c = 2, 5, 4, 2, 16, 12
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32) for _ in range(2))
+    positions = jnp.asarray(np.arange(t)[None].repeat(b, 0) + 7, jnp.int32)
+    step = jax.jit(lambda ck, cv, cp: cached_chunk_attention(
+        mha_reference, q, k, v, ck, cv, q_positions=positions, cache_positions=cp))
+
+    empty = jnp.full((b, c), -1, jnp.int32)
+    nan = jnp.full((b, c, kv, h), jnp.nan, jnp.float32)
+    alone = mha_reference(q, k, v, q_positions=positions, kv_positions=positions)
+    np.testing.assert_allclose(np.asarray(step(nan, nan, empty)), np.asarray(alone),
+                               rtol=1e-6, atol=1e-6)
+
+    ck, cv = (jnp.asarray(rng.normal(size=(b, c, kv, h)), jnp.float32) for _ in range(2))
+    filled = jnp.asarray(np.where(np.arange(c) < 7, np.arange(c), -1)[None].repeat(b, 0),
+                         jnp.int32)
+    over = mha_reference(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1),
+                         q_positions=positions,
+                         kv_positions=jnp.concatenate([filled, positions], 1))
+    got = np.asarray(step(ck, cv, filled))
+    np.testing.assert_allclose(got, np.asarray(over), rtol=1e-6, atol=1e-6)
+    assert np.abs(got - np.asarray(alone)).max() > 1e-3  # the cache mattered

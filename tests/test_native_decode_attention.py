@@ -119,6 +119,26 @@ def test_the_runtime_kernel_and_xla_forms_are_one_step(window):
     assert cpu_gemv.TARGET_ATTENTION in hlo
 
 
+def test_other_platforms_lower_the_xla_form():
+    # jax.lax.platform_dependent in the runtime: the custom call is emitted for CPU only,
+    # and the GPU and TPU modules hold the XLA form's softmax instead.
+    _require_kernel()
+    q, k, v, ck, cv, _ = _case(1, 2, 4, 16, 12, seed=5)
+    q, k, v = q[:, None].reshape(1, 1, 8, 16), k[:, None], v[:, None]
+    step = jax.jit(lambda *a: cached_decode_attention(
+        *a, q_positions=np.array([[12]], np.int32),
+        cache_positions=np.arange(12, dtype=np.int32)[None],
+        execution=Execution(packed=True, matvec=MatvecImpl.CPU_GEMV)))
+    target = cpu_gemv.TARGET_ATTENTION
+    for platform, expect_call in (('cpu', True), ('cuda', False), ('tpu', False)):
+        exported = jax.export.export(
+            step, platforms=[platform],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(q, k, v, ck, cv)
+        text = exported.mlir_module()
+        assert (f'@{target}(' in text) == expect_call, platform
+        assert ('exponential' in text) != expect_call, platform
+
+
 @pytest.mark.parametrize('args,message', [
     (((1, 2, 3, 8), (1, 2, 8), (1, 2, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 5)), None),
     (((1, 2, 3, 8), (1, 2, 8), (1, 2, 8), (1, 3, 5, 8), (1, 3, 5, 8), (1, 5)), 'caches'),

@@ -88,3 +88,37 @@ def _attend(q, k, v, cache_k, cache_v, mask, *, scale, execution):
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
     out = products.matmul(probs[..., :-1], cache_v, input_major=True, execution=execution)
     return out + probs[..., -1:] * v[:, :, None].astype(jnp.float32)
+
+
+def cached_chunk_attention(full, q, k, v, cache_k, cache_v, *, q_positions, cache_positions,
+                           window=masks_lib.NO_WINDOW):
+    """Attention of a chunk of T new tokens over [the cache before it is written, the chunk].
+
+    When no slot of the cache holds a position (all empty: a prompt's prefill), the cache
+    adds exact zeros to every softmax, so the chunk attends to itself alone: `lax.cond`
+    runs only that branch, and a prompt's cost does not grow with the cache (TinyLlama's
+    2048 slots, as the CLIs size the cache, made a 128-token prompt 0.6x llama.cpp's rate
+    where the 168-slot benchmark cache gave 0.9x; benchmarks/RESULTS.md).
+
+    Args:
+      full: the layer's attention (`AttentionKernels.full`).
+      q: (B, T, N, H); k, v: (B, T, K, H), the chunk's keys and values.
+      cache_k, cache_v: (B, C, K, H) views of the cache.
+      q_positions: (B, T) int32, the chunk's positions.
+      cache_positions: (B, C) int32 (negative = empty).
+      window: int32 scalar or (B,) window.
+
+    Returns:
+      (B, T, N, H), as `full` returns it.
+    """
+    def alone(_):
+        return full(q, k, v, q_positions=q_positions, kv_positions=q_positions, window=window)
+
+    def with_cache(_):
+        keys = jnp.concatenate([cache_k, k], axis=1)  # (B, C + T, K, H)
+        values = jnp.concatenate([cache_v, v], axis=1)
+        kv_positions = jnp.concatenate([cache_positions, q_positions], axis=1)  # (B, C + T)
+        return full(q, keys, values, q_positions=q_positions, kv_positions=kv_positions,
+                    window=window)
+
+    return jax.lax.cond(jnp.all(cache_positions < 0), alone, with_cache, None)

@@ -25,12 +25,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // rows of x; kernels are instantiated for 1..8
-// e^x for attend_core.inc (Cephes' expf): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7
-// polynomial, 2^n through the exponent bits. Below kExpLow (2^-126) it gives 0.
-constexpr float kExpLow = -87.33654f, kExpHigh = 88.37626f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // The kernels (gemv_core.inc) in two copies: AVX-512F and AVX2 + FMA. The library is built
 // without either flag (the quantized kernels must load on AVX2-only CPUs); `Gemv` picks
@@ -65,29 +59,24 @@ struct V {
   static float MaxAll(F a) { return _mm512_reduce_max_ps(a); }
   // (sum a, sum b, sum c, sum d): halves added, then AVX2's pairwise tree.
   static __m128 Sum4(F a, F b, F c, F d) {
-    const auto half = [](F x) {
-      return _mm256_add_ps(_mm512_castps512_ps256(x),
-                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-    };
-    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)),
-                                    _mm256_hadd_ps(half(c), half(d)));
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(Halves(a), Halves(b)),
+                                    _mm256_hadd_ps(Halves(c), Halves(d)));
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
   }
-  static F Select(Mask m, F a) { return _mm512_maskz_mov_ps(m, a); }
-  static F Exp(F x) {
-    const Mask keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLow), _CMP_GE_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kExpLow)), _mm512_set1_ps(kExpHigh));
-    const F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    F r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    F y = _mm512_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpPoly[i]));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+  static __m256 Halves(F x) {  // the low and high 256 bits added
+    return _mm256_add_ps(_mm512_castps512_ps256(x),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
   }
+  static F Select(Mask m, F a) { return _mm512_maskz_mov_ps(m, a); }
+  static F Min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F Round(F a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static F Pow2(F n) {  // 2^n for integral n in [-126, 127], through the exponent bits
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  static Mask AtLeast(F a, float b) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(b), _CMP_GE_OQ); }
 };
 #include "gemv_core.inc"
 #include "attend_core.inc"
@@ -141,19 +130,14 @@ struct V {
     const F t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
   }
-  static F Exp(F x) {
-    const F keep = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLow), _CMP_GE_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLow)), _mm256_set1_ps(kExpHigh));
-    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    F y = _mm256_set1_ps(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpPoly[i]));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), keep);
+  static F Min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F Round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F Pow2(F n) {  // 2^n for integral n in [-126, 127], through the exponent bits
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  static Mask AtLeast(F a, float b) {
+    return _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(b), _CMP_GE_OQ));
   }
 };
 #include "gemv_core.inc"

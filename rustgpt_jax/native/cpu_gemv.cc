@@ -152,15 +152,16 @@ namespace {
 using PartFn = void (*)(bool, const float*, const float*, float*, int64_t, int64_t, int64_t,
                         int64_t, int64_t);
 
-// The `isa` attribute: 0 = the best here (AVX-512F where the CPU has it, else AVX2 + FMA;
-// cpu_gemv.py checks for one of them), 1 = AVX2, 2 = AVX-512F (tests force each copy).
-// nullptr: the CPU lacks the one asked for.
-PartFn PartFor(int64_t isa) {
+// A kernel's copy for the `isa` attribute: 0 = the best here (AVX-512F where the CPU has
+// it, else AVX2 + FMA; cpu_gemv.py checks for one of them), 1 = AVX2, 2 = AVX-512F (tests
+// force each copy). nullptr: the CPU lacks the one asked for.
+template <typename Fn>
+Fn ForIsa(int64_t isa, Fn avx2_copy, Fn avx512_copy) {
   __builtin_cpu_init();
   const bool wide = __builtin_cpu_supports("avx512f");
-  if (isa == 1) return avx2::Part;
-  if (isa == 2) return wide ? avx512::Part : nullptr;
-  return wide ? avx512::Part : avx2::Part;
+  if (isa == 1) return avx2_copy;
+  if (isa == 2) return wide ? avx512_copy : nullptr;
+  return wide ? avx512_copy : avx2_copy;
 }
 
 // One product's operands, shared with the pool's workers; chunk `i` is outputs
@@ -213,7 +214,7 @@ ffi::Error Gemv(bool input_major, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32>
   } else if (chunk < least) {
     chunk = least;
   }
-  const PartFn part = PartFor(isa);
+  const PartFn part = ForIsa<PartFn>(isa, avx2::Part, avx512::Part);
   if (part == nullptr) return ffi::Error::InvalidArgument("rgj_gemv: this CPU has no AVX-512F");
   const Job job{input_major, xp, wp, yp, nb, in, out, chunk, (out + chunk - 1) / chunk,
                 part};
@@ -241,14 +242,6 @@ ffi::Error GemvInputMajor(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 using AttendFn = void (*)(const float*, const float*, const float*, const float*,
                          const float*, const int32_t*, int64_t, int64_t, int64_t, float, float*,
                          float*);
-
-AttendFn AttendFor(int64_t isa) {
-  __builtin_cpu_init();
-  const bool wide = __builtin_cpu_supports("avx512f");
-  if (isa == 1) return avx2::Attend;
-  if (isa == 2) return wide ? avx512::Attend : nullptr;
-  return wide ? avx512::Attend : avx2::Attend;
-}
 
 // One decode step's attention, shared with the pool's workers: chunk i is KV head
 // i % heads of batch row i / heads.
@@ -295,7 +288,7 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kn,
   if (kd[0] != b || kd[1] != heads || kd[3] != h || kn.dimensions()[0] != b ||
       kn.dimensions()[1] != heads || kn.dimensions()[2] != h || md[0] != b || md[1] != c)
     return ffi::Error::InvalidArgument("rgj_decode_attention: operand shapes disagree");
-  const AttendFn attend = AttendFor(isa);
+  const AttendFn attend = ForIsa<AttendFn>(isa, avx2::Attend, avx512::Attend);
   if (attend == nullptr)
     return ffi::Error::InvalidArgument("rgj_decode_attention: this CPU has no AVX-512F");
   thread_local std::vector<int32_t> idx;

@@ -176,16 +176,12 @@ class Attention(nn.Module):
                           kv_positions=cache_pos.value, window=window)
         # Prefill: later tokens of the chunk may overwrite keys earlier ones need, so
         # attend over [old cache, new chunk] before writing.
-        if core is None:  # the kernels are pure functions: an empty cache is skipped
-            out = cached_chunk_attention(kernels.full, q, k, v, view(cache_k.value),
-                                         view(cache_v.value), q_positions=positions,
-                                         cache_positions=cache_pos.value, window=window)
-        else:
-            keys = jnp.concatenate([view(cache_k.value), k], axis=1)  # (B, C + T, K, H)
-            values = jnp.concatenate([view(cache_v.value), v], axis=1)
-            kv_pos = jnp.concatenate([cache_pos.value, positions], axis=1)  # (B, C + T)
-            out = core(q, keys, values, q_positions=positions, kv_positions=kv_pos,
-                       window=window)
+        # The kernels are pure functions, so an empty cache can be skipped under a
+        # lax.cond; an AdaAttn core (a Flax module) attends over [cache, chunk] as is.
+        out = cached_chunk_attention(kernels.full if core is None else core, q, k, v,
+                                     view(cache_k.value), view(cache_v.value),
+                                     q_positions=positions, cache_positions=cache_pos.value,
+                                     window=window, skip_empty=core is None)
         self._write(cache_k, cache_v, cache_pos, cache_index, k, v, positions)
         return out
 

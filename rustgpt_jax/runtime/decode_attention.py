@@ -91,7 +91,7 @@ def _attend(q, k, v, cache_k, cache_v, mask, *, scale, execution):
 
 
 def cached_chunk_attention(full, q, k, v, cache_k, cache_v, *, q_positions, cache_positions,
-                           window=masks_lib.NO_WINDOW):
+                           window=masks_lib.NO_WINDOW, skip_empty: bool = True):
     """Attention of a chunk of T new tokens over [the cache before it is written, the chunk].
 
     When no slot of the cache holds a position (all empty: a prompt's prefill), the cache
@@ -107,6 +107,8 @@ def cached_chunk_attention(full, q, k, v, cache_k, cache_v, *, q_positions, cach
       q_positions: (B, T) int32, the chunk's positions.
       cache_positions: (B, C) int32 (negative = empty).
       window: int32 scalar or (B,) window.
+      skip_empty: the `lax.cond` on an empty cache; False for a `full` that must not run
+        inside JAX control flow (an AdaAttn core, a Flax module with its own variables).
 
     Returns:
       (B, T, N, H), as `full` returns it.
@@ -121,4 +123,6 @@ def cached_chunk_attention(full, q, k, v, cache_k, cache_v, *, q_positions, cach
         return full(q, keys, values, q_positions=q_positions, kv_positions=kv_positions,
                     window=window)
 
+    if not skip_empty:
+        return with_cache(None)
     return jax.lax.cond(jnp.all(cache_positions < 0), alone, with_cache, None)
